@@ -1,0 +1,138 @@
+"""What every rank of every lesson needs and none of them teaches. Lesson 00 writes it out in full.
+
+- parser() and setup(): torchrun's variables, backend and device, init, teardown that always runs
+- print_rank / print0: each line prefixed "[rank N]" and written in one write(), never torn
+- needs: the world sizes a lesson can use, checked on every rank before any collective
+- self-launch: `python lessons/NN_topic.py [--nproc N]` re-runs itself under torchrun
+Starting ranks from outside (notebooks, tests, exercise checks) is lessons/launcher.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import faulthandler
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+# World sizes a lesson can use: (what to tell the learner, the test).
+EVEN = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2 == 0)
+AT_LEAST_2 = ("at least 2 ranks", lambda n: n >= 2)
+
+
+# Started by lessons.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
+# stack in a file, so the launcher can say where each rank was stuck.
+if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ:
+    _stack_file = open(Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.txt", "w")
+    faulthandler.register(signal.SIGTERM, file=_stack_file, all_threads=True, chain=True)
+
+
+def print_rank(*args, sep=" "):
+    """print() for ranks: every line prefixed `[rank N]`, all of them in one write() call."""
+    prefix = f"[rank {os.environ.get('RANK', '0')}] "
+    text = sep.join(str(a) for a in args)
+    sys.stdout.write("".join(prefix + line + "\n" for line in text.split("\n")))
+    sys.stdout.flush()
+
+
+def print0(*args, sep=" "):
+    if os.environ.get("RANK", "0") == "0":
+        print_rank(*args, sep=sep)
+
+
+def usage_error(message):
+    """A mistake in how the program was started: said on every rank, exit code 2, no traceback."""
+    print_rank(f"error: {message}")
+    raise SystemExit(2)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The lesson's own flags go on this; these are the ones every lesson shares."""
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=4, help="ranks to start under plain python (4)")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default=env("COURSE_BACKEND", "auto"),
+                   help="auto: NCCL if every local rank has its own GPU, else gloo on CPU")
+    p.add_argument("--timeout", type=float, default=float(env("COURSE_TIMEOUT", "60")),
+                   help="seconds a collective may wait before it fails (60)")
+    p.add_argument("--debug", action="store_true", default=env("COURSE_DEBUG") == "1",
+                   help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)")
+    return p
+
+
+class Rank(NamedTuple):
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+
+@contextlib.contextmanager
+def setup(args, needs=None):
+    """Join the process group for the length of a `with` block; `needs` = (text, test) of world sizes."""
+    if "RANK" not in os.environ:  # plain `python lesson.py`: run again under torchrun
+        relaunch(args.nproc, needs)
+    rank, local_rank, world_size, local_world_size = (
+        int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    _require(world_size, needs, f"--nproc-per-node {world_size}")  # before any collective
+    backend, device = _choose_backend(args.backend, local_rank, local_world_size)
+    if args.debug:  # read at `import torch.distributed`, so set it here and for child processes
+        os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+        dist.set_debug_level(dist.DebugLevel.DETAIL)
+    timeout = datetime.timedelta(seconds=10 if args.debug else args.timeout)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    try:
+        if backend == "nccl":  # create the communicator now, not inside the first timed collective
+            dist.barrier(device_ids=[local_rank])
+        yield Rank(rank, local_rank, world_size, backend, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _choose_backend(requested, local_rank, local_world_size):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "nccl" and gpus < local_world_size:
+        usage_error(f"--backend nccl needs one GPU per local rank: {local_world_size} local ranks "
+                    f"but {gpus} GPUs (NCCL refuses two ranks on one GPU). Start at most {gpus} "
+                    "ranks per node, or use --backend gloo.")
+    if requested == "nccl" or (requested == "auto" and 0 < local_world_size <= gpus):
+        device = torch.device("cuda", local_rank)  # LOCAL_RANK picks the GPU, RANK does not
+        torch.cuda.set_device(device)
+        return "nccl", device
+    if requested == "auto":
+        print0("no GPU: using gloo on CPU" if gpus == 0 else
+               f"{local_world_size} local ranks but {gpus} GPUs: using gloo on CPU")
+    return "gloo", torch.device("cpu")
+
+
+def _main_target():
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return ["-m", spec.name.removesuffix(".__main__")] if spec else [sys.argv[0]]
+
+
+def _require(world_size, needs, started_with):
+    if needs and not needs[1](world_size):
+        good = next(n for n in (4, 2, 8, 6, 3, 1) if needs[1](n))
+        usage_error(f"{' '.join(_main_target())} needs {needs[0]}, but was started with "
+                    f"{started_with}. Try: torchrun --nproc-per-node {good} {' '.join(_main_target())}")
+
+
+def relaunch(nproc, needs=None):
+    """Plain `python lesson.py`: replace this process with torchrun running the same file."""
+    _require(nproc, needs, f"--nproc {nproc}")
+    # Drop --nproc: torchrun would read it as an abbreviation of its own --nproc-per-node.
+    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc") and
+            not (i and sys.argv[i] == "--nproc")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *_main_target(), *argv]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun warns and sets 1 otherwise
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)

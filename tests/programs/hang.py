@@ -1,0 +1,14 @@
+"""Test program: rank 2 never joins the all_reduce the others wait in (it sleeps instead)."""
+import time
+
+import torch
+import torch.distributed as dist
+
+from lessons.common import parser, print_rank, setup
+
+with setup(parser(__doc__).parse_args()) as ctx:
+    print_rank("before the all_reduce")
+    if ctx.rank == 2:
+        time.sleep(600)
+    else:
+        dist.all_reduce(torch.ones(3))

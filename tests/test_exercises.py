@@ -1,0 +1,63 @@
+"""Every exercise check fails on the unsolved stub, catches a plausible wrong answer, and passes
+on the reference solution; solution and stub share one skeleton."""
+import ast
+
+import pytest
+
+from conftest import LESSONS, ROOT, lesson_ids
+from lessons.check import exercises_of, run_check, solution_file
+
+WITH_EXERCISES = [path for path in LESSONS if exercises_of(path.stem[:2])]
+WRONG = ROOT / "tests" / "wrong"
+
+
+def regions(path):
+    """{exercise id: source of its `# --8<-- [start:ex-ID]` ... `[end:ex-ID]` region}"""
+    found, current = {}, None
+    for line in path.read_text().splitlines():
+        if "--8<-- [start:ex-" in line:
+            current = line.split("[start:ex-")[1].rstrip("]")
+            found[current] = []
+        elif "--8<-- [end:ex-" in line:
+            current = None
+        elif current:
+            found[current].append(line)
+    return {key: "\n".join(lines) for key, lines in found.items()}
+
+
+def skeleton(source):
+    """What stub and solution must share: each function's name, arguments and docstring."""
+    return [(f.name, ast.dump(f.args), ast.get_docstring(f)) for f in ast.parse(source).body
+            if isinstance(f, ast.FunctionDef)]
+
+
+@pytest.mark.parametrize("path", WITH_EXERCISES, ids=lesson_ids())
+def test_stub_and_solution_share_a_skeleton(path):
+    stubs, solved = regions(path), regions(solution_file(path.stem[:2]))
+    assert set(stubs) == set(exercises_of(path.stem[:2])), "every exercise needs a marked region"
+    assert set(solved) == set(stubs), "solutions/ must solve every exercise, in marked regions"
+    for exercise, stub in stubs.items():
+        assert skeleton(stub) == skeleton(solved[exercise]), exercise
+        assert f'NotImplementedError("Exercise {exercise}:' in stub and "(about " in stub
+
+
+@pytest.mark.parametrize("path", WITH_EXERCISES, ids=lesson_ids())
+def test_check_says_not_attempted_on_the_stub(path):
+    ids = exercises_of(path.stem[:2])
+    status, lines = run_check(ids, None, 4)
+    assert status == {i: "not attempted" for i in ids}, "\n".join(lines)
+
+
+@pytest.mark.parametrize("path", WITH_EXERCISES, ids=lesson_ids())
+def test_check_catches_a_wrong_answer(path):
+    ids = exercises_of(path.stem[:2])
+    status, lines = run_check(ids, WRONG / path.name, 4)
+    assert status == {i: "mismatch" for i in ids}, "\n".join(lines)
+    assert "yours:" in "\n".join(lines) and "expected:" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("path", WITH_EXERCISES, ids=lesson_ids())
+def test_check_passes_the_solution(path):
+    ids = exercises_of(path.stem[:2])
+    status, lines = run_check(ids, solution_file(ids[0]), 4)
+    assert status == {i: "pass" for i in ids}, "\n".join(lines)
