@@ -63,6 +63,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
                    help="seconds a collective may wait before it fails (60)")
     p.add_argument("--debug", action="store_true", default=env("COURSE_DEBUG") == "1",
                    help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)")
+    p.add_argument("--out", default="out", help="folder for the figures a lesson saves (out/)")
     return p
 
 
