@@ -1,0 +1,181 @@
+"""Write notebooks/NN_topic.ipynb for every lesson, from the lesson itself: nothing is copied by hand.
+
+    python tools/make_notebooks.py              # (re)write and execute every notebook
+    python tools/make_notebooks.py 02 06        # only these lessons
+    python tools/make_notebooks.py --check      # exit 1 if a committed notebook is stale
+
+A notebook holds: the lesson's docstring as its narrative; a cell that runs the lesson on 4 ranks
+through lessons.launcher.run_lesson (torchrun in a subprocess: the kernel never forks or touches
+CUDA); the figures that run saved; then, per exercise, the stub from the lesson's marked region
+for the learner to edit and a cell that checks it on 4 ranks.
+
+Notebooks are stored executed, so nbval can compare their outputs. Each is executed twice: a
+cell whose output differs between the two runs (after tests/nbval_sanitize.cfg's substitutions)
+is tagged nbval-ignore-output; every other cell is compared in CI.
+"""
+import argparse
+import ast
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
+CELL_TIMEOUT_S = 600  # generous: run_lesson's own timeout (300 s) stops a stuck lesson first
+# Extra runs a notebook shows after the plain one, e.g. a small benchmark that draws a figure.
+EXTRA_RUNS = {"03_collectives": [["--bench"]]}
+SETUP = """\
+# The ranks run in torchrun subprocesses, started by lessons/launcher.py; this kernel only
+# prints what they said, in rank order. torch is imported for the exercise cells' type hints.
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from IPython.display import Image, display
+
+from lessons.check import check
+from lessons.launcher import run_lesson"""
+
+
+def docstring_to_markdown(doc):
+    """The lesson docstring's layout (title; unindented headings over indented bodies) in Markdown.
+    Bodies of commands or output become code blocks; the rest is prose."""
+    lines = doc.strip("\n").splitlines()
+    out, i = [f"# {lines[0].strip()}", ""], 1
+    while i < len(lines):
+        line = lines[i]
+        body = []
+        j = i + 1
+        while j < len(lines) and (lines[j].startswith(" ") or not lines[j].strip()):
+            body.append(lines[j])
+            j += 1
+        if not line.strip():
+            i += 1
+            continue
+        if not body or not any(b.strip() for b in body):  # a sentence on its own
+            out += [line.strip(), ""]
+            i = j
+            continue
+        text = textwrap.dedent("\n".join(body)).strip("\n")
+        looks_like_code = re.search(r"^(torchrun|python|\[rank|--|\$ |[A-Z_]+=)", text, re.M)
+        out += [f"**{line.strip()}**", ""]
+        out += [f"```\n{text}\n```" if looks_like_code else
+                "\n\n".join(" ".join(p.split()) for p in text.split("\n\n")), ""]
+        i = j
+    return "\n".join(out).strip() + "\n"
+
+
+def exercise_regions(path):
+    """[(exercise id, stub source, [function names])] in the order the lesson defines them."""
+    source = path.read_text()
+    found = []
+    for match in re.finditer(r"# --8<-- \[start:ex-([\d.]+)\]\n(.*?)# --8<-- \[end:ex-\1\]",
+                             source, re.S):
+        stub = match[2].rstrip() + "\n"
+        names = [f.name for f in ast.parse(stub).body if isinstance(f, ast.FunctionDef)]
+        found.append((match[1], stub, names))
+    return found
+
+
+def build(path):
+    """The notebook for one lesson, unexecuted."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    stem = path.stem
+    doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+    cells = [
+        nbformat.v4.new_markdown_cell(docstring_to_markdown(doc)),
+        nbformat.v4.new_markdown_cell(
+            f"This notebook runs `lessons/{path.name}` on 4 ranks (gloo on CPU, NCCL on GPUs) and "
+            "shows what every rank printed, rank by rank. Run the cells from the top; "
+            "**Kernel → Restart & Clear Output** resets it. The exercise cells are yours to edit."),
+        _cell(SETUP, "setup"),
+        _cell(f'run_lesson("{stem}", nproc=4)', "run"),
+    ]
+    for extra in EXTRA_RUNS.get(stem, []):
+        cells.append(_cell(f'run_lesson("{stem}", nproc=4, args={extra!r})', "run"))
+    if "args.out" in path.read_text():  # the lesson saves figures: show this run's
+        cells.append(_cell(f'for figure in sorted(Path("out").glob("{stem[:2]}_*.png")):\n'
+                           "    display(Image(filename=figure))", "figures"))
+    for exercise, stub, names in exercise_regions(path):
+        cells += [
+            nbformat.v4.new_markdown_cell(
+                f"## Exercise {exercise}\n\nEdit the function below, run the cell, then run the "
+                "check under it: it runs your code on 4 ranks and compares every rank with a "
+                f"single-process answer. Stuck? The solution is in `solutions/{path.name}`."),
+            _cell(stub.rstrip(), "exercise", exercise),
+            _cell(f'check("{exercise}", {", ".join(names)})', "check", exercise),
+        ]
+    nb.cells = cells
+    return nb
+
+
+def _cell(source, role, exercise=None):
+    cell = nbformat.v4.new_code_cell(source)
+    cell.metadata["course"] = {"role": role, **({"exercise": exercise} if exercise else {})}
+    return cell
+
+
+def sanitized(cell):
+    """The cell's text outputs after the same substitutions nbval makes."""
+    patterns = re.findall(r"^regex: (.*)$\n^replace: (.*)$", SANITIZE.read_text(), re.M)
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for o in cell.get("outputs", []))
+    for regex, replace in patterns:
+        text = re.sub(regex, replace, text)
+    return text
+
+
+def execute(nb):
+    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return nb
+
+
+def write(path):
+    target = NOTEBOOKS / f"{path.stem}.ipynb"
+    first = execute(build(path))
+    second = execute(build(path))
+    for a, b in zip(first.cells, second.cells):
+        if a.cell_type == "code" and sanitized(a) != sanitized(b):
+            b.metadata["tags"] = ["nbval-ignore-output"]
+    nbformat.write(second, target)
+    print(f"wrote {target.relative_to(ROOT)}")
+
+
+def stale(path):
+    """True if the committed notebook's cells are not what the lesson would generate now."""
+    target = NOTEBOOKS / f"{path.stem}.ipynb"
+    if not target.exists():
+        return True
+    have, want = nbformat.read(target, as_version=4), build(path)
+    return [(c.cell_type, c.source) for c in have.cells] != [(c.cell_type, c.source) for c in want.cells]
+
+
+def lessons(selected):
+    every = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
+    return [p for p in every if not selected or p.stem[:2] in selected]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("lessons", nargs="*", help="lesson numbers (default: all)")
+    p.add_argument("--check", action="store_true", help="only say which notebooks are stale")
+    args = p.parse_args()
+    if args.check:
+        old = [p.stem for p in lessons(args.lessons) if stale(p)]
+        print("stale: " + ", ".join(old) + "\nregenerate: python tools/make_notebooks.py"
+              if old else "every notebook is current")
+        sys.exit(1 if old else 0)
+    NOTEBOOKS.mkdir(exist_ok=True)
+    for path in lessons(args.lessons):
+        write(path)
+
+
+if __name__ == "__main__":
+    main()
