@@ -1,6 +1,7 @@
 """How much does a lesson add to torchrun's own start-up? Wall time of
-`torchrun --standalone --nproc-per-node N lessons/00_hello.py` against a bare gloo hello world
-(benchmarks/bare_hello.py), interleaved in one run so both see the same machine load.
+`torchrun --standalone --nproc-per-node N lessons/00_hello.py` against a bare hello world on the
+same backend (benchmarks/bare_hello.py: gloo on CPU, NCCL when every rank has a GPU),
+interleaved in one run so both see the same machine load.
 
     python benchmarks/startup.py [--repeats 5] [--nproc 4]
 
