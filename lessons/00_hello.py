@@ -36,6 +36,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from lessons import trace
 from lessons.common import parser, print0, print_rank, relaunch, usage_error
 
 SEED = 1234  # every rank seeds with the same number, so every rank builds the same weights
@@ -57,7 +58,8 @@ def init_distributed(backend_flag, init_method, timeout_s):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend_flag == "nccl" and gpus < local_world_size:
         usage_error(f"--backend nccl needs one GPU per local rank: {local_world_size} local "
-                    f"ranks but {gpus} GPUs. Start at most {gpus} ranks, or use --backend gloo.")
+                    f"ranks but {gpus} GPUs. " + (f"Start at most {gpus} ranks, or use --backend "
+                                                  "gloo." if gpus else "Use --backend gloo, or auto."))
     use_nccl = backend_flag == "nccl" or (backend_flag == "auto" and 0 < local_world_size <= gpus)
     if use_nccl:
         device = torch.device("cuda", local_rank)  # LOCAL_RANK, not RANK: node 2 has GPU 0 too
@@ -143,7 +145,7 @@ def gather_host_info(rank, local_rank, device):
 # --8<-- [end:gather]
 
 
-# --8<-- [start:ex-00.1]
+# --8<-- [start:ex-00-1]
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """Exercise 00.1: return the element-wise mean of `x` over all ranks, on every rank.
 
@@ -152,7 +154,7 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     # YOUR CODE BELOW
     raise NotImplementedError("Exercise 00.1: average x over all ranks with one all_reduce, "
                               "without changing x (about 3 lines)")
-# --8<-- [end:ex-00.1]
+# --8<-- [end:ex-00-1]
 
 
 def check_mean_over_ranks(ctx, mean_over_ranks):
@@ -184,11 +186,13 @@ def main():
     rank, local_rank, world_size, device = init_distributed(
         args.backend, args.init_method, 10 if args.debug else args.timeout)
     try:  # teardown below runs however this block ends
-        print0(f"backend {dist.get_backend()}, world size {dist.get_world_size()}")
-        all_reduce_check(rank, world_size, device)
-        seeding_check(rank, world_size, device)
-        gather_host_info(rank, local_rank, device)
-        print0("Next: exercise 00.1 (mean_over_ranks above). Check it: python -m lessons.check 00")
+        with trace.recording(args.trace):  # --trace DIR: a timeline of the collectives below
+            print0(f"backend {dist.get_backend()}, world size {dist.get_world_size()}")
+            all_reduce_check(rank, world_size, device)
+            seeding_check(rank, world_size, device)
+            gather_host_info(rank, local_rank, device)
+            print0("Next: exercise 00.1 (mean_over_ranks above). "
+                   "Check it: python -m lessons.check 00")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

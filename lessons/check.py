@@ -66,7 +66,12 @@ def _differences(yours, expected, name="result"):
         return []
     except (AssertionError, TypeError, ValueError) as err:
         why = str(err).strip().split("\n")[0]
-        return [f"  {name}: {why}", f"    yours:    {yours}", f"    expected: {expected}"]
+    try:  # what assert_close cannot compare (strings, objects) may still be plainly equal
+        if not isinstance(expected, torch.Tensor) and bool(yours == expected):
+            return []
+    except Exception:
+        pass
+    return [f"  {name}: {why}", f"    yours:    {yours}", f"    expected: {expected}"]
 
 
 def _worker(exercises, source):

@@ -15,6 +15,7 @@ import faulthandler
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,8 +30,9 @@ AT_LEAST_2 = ("at least 2 ranks", lambda n: n >= 2)
 # Started by lessons.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
 # stack in a file, so the launcher can say where each rank was stuck.
 if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ:
-    _stack_file = open(Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.txt", "w")
-    faulthandler.register(signal.SIGTERM, file=_stack_file, all_threads=True, chain=True)
+    _stack_fd = os.open(Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.{os.getpid()}.txt",
+                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # open for the process's lifetime
+    faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
 
 
 def print_rank(*args, sep=" "):
@@ -49,7 +51,19 @@ def print0(*args, sep=" "):
 def usage_error(message):
     """A mistake in how the program was started: said on every rank, exit code 2, no traceback."""
     print_rank(f"error: {message}")
+    if "MASTER_PORT" in os.environ:  # under torchrun: wait (bounded) until every rank has said it,
+        _all_ranks_reach("course/usage_error")  # or torchrun stops the slower ones first
     raise SystemExit(2)
+
+
+def _all_ranks_reach(key, timeout_s=20.0):
+    """A barrier on torchrun's own store, for use before (or instead of) init_process_group."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < int(os.environ["WORLD_SIZE"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -64,6 +78,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=env("COURSE_DEBUG") == "1",
                    help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)")
     p.add_argument("--out", default="out", help="folder for the figures a lesson saves (out/)")
+    p.add_argument("--trace", metavar="DIR", default=env("COURSE_TRACE"),
+                   help="record every rank with torch.profiler; rank 0 writes DIR/trace.json "
+                        "and DIR/timeline.png (docs: tracing)")
     return p
 
 
@@ -92,7 +109,9 @@ def setup(args, needs=None):
     try:
         if backend == "nccl":  # create the communicator now, not inside the first timed collective
             dist.barrier(device_ids=[local_rank])
-        yield Rank(rank, local_rank, world_size, backend, device)
+        from lessons import trace  # --trace DIR: profile the block, merge the ranks on rank 0
+        with trace.recording(args.trace):
+            yield Rank(rank, local_rank, world_size, backend, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -102,8 +121,9 @@ def _choose_backend(requested, local_rank, local_world_size):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "nccl" and gpus < local_world_size:
         usage_error(f"--backend nccl needs one GPU per local rank: {local_world_size} local ranks "
-                    f"but {gpus} GPUs (NCCL refuses two ranks on one GPU). Start at most {gpus} "
-                    "ranks per node, or use --backend gloo.")
+                    f"but {gpus} GPUs (NCCL refuses two ranks on one GPU). " + (
+                        f"Start at most {gpus} ranks per node, or use --backend gloo." if gpus
+                        else "Use --backend gloo, or auto."))
     if requested == "nccl" or (requested == "auto" and 0 < local_world_size <= gpus):
         device = torch.device("cuda", local_rank)  # LOCAL_RANK picks the GPU, RANK does not
         torch.cuda.set_device(device)

@@ -26,7 +26,7 @@ class Launched(NamedTuple):
     returncode: int
     lines: list  # "[rank N]" lines in rank order (stable), then every other line as it came
     seconds: float
-    stuck: list  # where each rank was, if the run had to be stopped; else []
+    stuck: list  # where each rank was, if the run (or torchrun, after a failure) stopped them
     leftovers: int  # processes of this run still alive afterwards (killed, but counted)
 
 
@@ -54,20 +54,23 @@ def run_command(cmd, timeout=120.0, env=None, cwd=None) -> Launched:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", env=env, cwd=cwd)
         try:
-            out, stuck = proc.communicate(timeout=timeout)[0], []
+            out, timed_out = proc.communicate(timeout=timeout)[0], False
         except subprocess.TimeoutExpired:
-            out = _stop(proc, stacks)
-            stuck = [f"stopped after {timeout:.0f} s; where each rank was:", *_where_stuck(stacks)]
+            out, timed_out = _stop(proc, stacks), True
         except BaseException:  # an interrupted notebook cell, a test timeout: stop the ranks too
             _stop(proc, stacks)
             raise
+        stuck = _where_stuck(stacks)  # ranks stopped by SIGTERM (ours, or torchrun's) left stacks
+        if stuck:
+            stuck.insert(0, f"stopped after {timeout:.0f} s; where each rank was:" if timed_out
+                         else "torchrun stopped the other ranks; where they were:")
         leftovers = _pids_with(stacks)  # e.g. a child process a rank started and never ended
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
     lines = out.splitlines()
     ranked = sorted((int(m[1]), i) for i, line in enumerate(lines) if (m := RANK_LINE.match(line)))
     ordered = [lines[i] for _, i in ranked] + _tidy([l for l in lines if not RANK_LINE.match(l)])
-    code = -1 if stuck else proc.returncode
+    code = -1 if timed_out else proc.returncode
     return Launched(code, ordered, time.monotonic() - start, stuck, len(leftovers))
 
 
@@ -120,9 +123,12 @@ def _pids_with(marker):
 
 
 def _where_stuck(folder):
-    """One line per rank from its faulthandler dump: the call it was in, and the line that made it."""
+    """One line per process of each rank (a rank's own children too) from its faulthandler dump:
+    the call it was in, and the line of the program that made it."""
     lines = []
-    for path in sorted(Path(folder).glob("rank*.txt"), key=lambda p: int(p.stem[4:])):
+    dumps = sorted(Path(folder).glob("rank*.txt"), key=lambda p: [int(n) for n in p.stem[4:].split(".")])
+    for path in dumps:
+        rank, pid = path.stem[4:].split(".")
         threads = path.read_text().split("\n\n")
         main = next((t for t in threads if "in <module>" in t), threads[0])
         frames = re.findall(r'File "(.+)", line (\d+) in (\S+)', main)  # innermost first
@@ -132,7 +138,9 @@ def _where_stuck(folder):
             code = linecache.getline(file, int(line)).strip()
             where = f"{os.path.relpath(file) if file.startswith(str(ROOT)) else file}:{line}: {code}"
             inside = f"in {frames[0][2]}() called " if frames[0] != ours[0] else ""
-            lines.append(f"[rank {path.stem[4:]}] {inside}at {where}")
+            who = f"[rank {rank}]" if sum(p.stem.startswith(f"rank{rank}.") for p in dumps) == 1 \
+                else f"[rank {rank}] (pid {pid})"
+            lines.append(f"{who} {inside}at {where}")
     return lines
 
 
@@ -153,5 +161,5 @@ def run_lesson(lesson, nproc=4, args=(), timeout=300.0, env=None):
     result = launch(path, nproc, args, timeout, env)
     print("\n".join(result.lines + result.stuck))
     if result.returncode != 0:
-        why = "ran too long and was stopped" if result.stuck else f"exited with {result.returncode}"
+        why = "ran too long and was stopped" if result.returncode == -1 else f"exited with {result.returncode}"
         raise LessonFailed(f"{path.name} on {nproc} ranks {why} (its output is above)")

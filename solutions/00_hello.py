@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 
-# --8<-- [start:ex-00.1]
+# --8<-- [start:ex-00-1]
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """Exercise 00.1: return the element-wise mean of `x` over all ranks, on every rank.
 
@@ -16,4 +16,4 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     total = x.clone()  # all_reduce overwrites its argument; work on a copy
     dist.all_reduce(total, op=dist.ReduceOp.SUM)  # AVG exists too, but not on every backend
     return total / dist.get_world_size()
-# --8<-- [end:ex-00.1]
+# --8<-- [end:ex-00-1]

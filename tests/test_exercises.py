@@ -1,6 +1,7 @@
 """Every exercise check fails on the unsolved stub, catches a plausible wrong answer, and passes
 on the reference solution; solution and stub share one skeleton."""
 import ast
+import re
 
 import pytest
 
@@ -12,17 +13,10 @@ WRONG = ROOT / "tests" / "wrong"
 
 
 def regions(path):
-    """{exercise id: source of its `# --8<-- [start:ex-ID]` ... `[end:ex-ID]` region}"""
-    found, current = {}, None
-    for line in path.read_text().splitlines():
-        if "--8<-- [start:ex-" in line:
-            current = line.split("[start:ex-")[1].rstrip("]")
-            found[current] = []
-        elif "--8<-- [end:ex-" in line:
-            current = None
-        elif current:
-            found[current].append(line)
-    return {key: "\n".join(lines) for key, lines in found.items()}
+    """{exercise id: source of its `# --8<-- [start:ex-NN-K]` ... `[end:ex-NN-K]` region}
+    (region names can't hold the id's dot: docs snippets allow only [-_0-9a-z])."""
+    return {f"{number}.{k}": stub for number, k, stub in re.findall(
+        r"# --8<-- \[start:ex-(\d\d)-(\d+)\]\n(.*?)# --8<-- \[end:ex-\1-\2\]", path.read_text(), re.S)}
 
 
 def skeleton(source):
