@@ -1,0 +1,73 @@
+"""Lesson 02 beyond the generic runs: the send-send deadlock demo fails by itself, fast, and
+explains; the reference handshake (solutions/02_p2p.py, what later lessons copy) turns every
+bad header into a clear ValueError on both ranks instead of a hang or wrong data."""
+from conftest import ROOT, run_ranks, text
+
+LESSON = ROOT / "lessons" / "02_p2p.py"
+
+
+def test_send_send_deadlock_fails_by_itself_and_explains():
+    result = run_ranks(LESSON, 2, ["--broken", "deadlock"], timeout=90)
+    out = text(result)
+    assert result.returncode not in (0, -1), out  # failed, and was not stopped for hanging
+    assert not result.stuck and "Traceback" not in out, out
+    for rank in range(2):
+        # Each send times out, or sees the connection closed when its peer's timed out first.
+        assert f"[rank 0]    {rank}  send failed: " in out, out
+        assert (f"[rank {rank}] error: --broken deadlock: both ranks of each pair called send() "
+                "first and waited for each other") in out, out
+    assert "[rank 0] What went wrong: each rank sent first" in out
+
+
+# Rank 0 sends something bad, rank 1 receives it with the reference recv_tensor. Each case has
+# its own group, so one that went wrong cannot disturb the next; every rank prints what it got.
+PROGRAM = '''
+import datetime, runpy, torch, torch.distributed as dist
+from lessons.common import parser, print_rank, setup
+ns = runpy.run_path("lessons/02_p2p.py")  # the lesson's namespace, without running main()
+exec(compile(open("solutions/02_p2p.py").read(), "solutions/02_p2p.py", "exec"), ns)
+TENSOR, HEADER = ns["TENSOR"], ns["HEADER"]
+def raw(*fields):  # a header as a buggy or foreign sender might fill it
+    return torch.tensor([*fields, *[0] * (len(HEADER) - len(fields))])
+CASES = {"complex": torch.zeros(2, dtype=torch.complex64), "9-D": torch.zeros((1,) * 9),
+         "not a header": torch.arange(len(HEADER)), "dtype code": raw(TENSOR, 99, 1, 2),
+         "ndim": raw(TENSOR, 0, 9), "size": raw(TENSOR, 0, 2, 3, -1)}
+with setup(parser("").parse_args([])) as ctx:
+    for name, tensor in CASES.items():
+        group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=10))
+        try:
+            if ctx.rank == 0 and name in ("complex", "9-D"):
+                ns["send_tensor"](tensor, 1, group)
+            elif ctx.rank == 0:
+                dist.send(tensor, 1, group)
+            else:
+                ns["recv_tensor"](0, ctx.device, group)
+            print_rank(f"{name}: no error")
+        except ValueError as err:
+            print_rank(f"{name}: ValueError: {err}")
+'''
+
+
+def test_reference_handshake_refuses_bad_headers_on_both_ranks(tmp_path):
+    program = tmp_path / "bad_headers.py"
+    program.write_text(PROGRAM)
+    result = run_ranks(program, 2, timeout=90)
+    out = text(result)
+    assert result.returncode == 0 and not result.stuck, out
+    expected = [
+        "[rank 0] complex: ValueError: send_tensor to rank 1: cannot send a tensor of dtype "
+        "torch.complex64: the header can name only",
+        "[rank 1] complex: ValueError: recv_tensor from rank 0: the sender refused its tensor",
+        "[rank 0] 9-D: ValueError: send_tensor to rank 1: cannot send a tensor of 9 dimensions: "
+        "the header has room for MAX_NDIM = 8",
+        "[rank 1] 9-D: ValueError: recv_tensor from rank 0: the sender refused its tensor",
+        "[rank 1] not a header: ValueError: recv_tensor from rank 0: not a header (kind 0 is "
+        "neither TENSOR (20202) nor REFUSED (20203)): sender and receiver are out of step",
+        "[rank 1] dtype code: ValueError: recv_tensor from rank 0: not a header (dtype code 99 "
+        "is not in 0..8)",
+        "[rank 1] ndim: ValueError: recv_tensor from rank 0: not a header (ndim 9 is not in 0..8)",
+        "[rank 1] size: ValueError: recv_tensor from rank 0: not a header (a negative size in "
+        "[3, -1])",
+    ]
+    for line in expected:
+        assert line in out, f"missing {line!r} in:\n{out}"
