@@ -1,0 +1,25 @@
+"""distill_demo: lesson 06's teacher-student distillation grown into a small trainer.
+
+    torchrun --nproc-per-node 4 -m distill_demo [--ratio 1:3] [--transfer full|topk|hidden]
+    torchrun --nproc-per-node 2 -m distill_demo --bench
+
+Run `python -m distill_demo --help` for every flag; docs/distill_demo.md explains the design.
+
+Files (each one job; communication apart from training logic):
+    models.py     TinyTransformer, make_teacher / make_student: importable on their own
+    data.py       MarkovData: seeded synthetic token sequences, nothing downloaded
+    knowledge.py  what a teacher sends in each transfer mode, and the losses (kl_full, kl_topk)
+    comms.py      Layout (who teaches whom), groups, the message protocol, gradient averaging
+    train.py      a student's step and a teacher's loop
+    bench.py      --bench: every transfer mode, overlap on and off, one table
+    report.py     progress bar, timeline recording, figures
+    __main__.py   flags, their checks, setup, the training run's report
+
+Other code (rpc_demo) reuses the models, the data and the losses:
+
+    from distill_demo.models import make_teacher, make_student
+    from distill_demo.data import MarkovData
+    from distill_demo.knowledge import kl_full, kl_topk, teacher_message
+
+Importing the package imports none of its modules, so those imports cost only what they use.
+"""

@@ -1,0 +1,179 @@
+"""distill_demo - lesson 06 grown into a distillation trainer: transformer teacher and student,
+any teachers:students ratio, three ways to ship the teacher's knowledge, and a benchmark.
+
+Run it (from the repository root)
+    torchrun --nproc-per-node 4 -m distill_demo                     # 2 teachers, 2 students
+    torchrun --nproc-per-node 4 -m distill_demo --ratio 1:3 --transfer topk --topk 8
+    torchrun --nproc-per-node 2 -m distill_demo --bench             # every mode, overlap on/off
+    python -m distill_demo --nproc 4                                # plain python starts torchrun
+    On 2 GPUs (1 teacher : 1 student), the benchmark at a realistic size:
+    torchrun --nproc-per-node 2 -m distill_demo --bench --size large --vocab 131072 \\
+             --seq 2048 --batch 2 --topk 64 --out bench/
+
+What you should see
+    The mapping of teachers to students, a progress bar on rank 0 (a line every tenth of the
+    run when the output is not a terminal), the bytes each step moved, then "checked: ..."
+    lines. --bench prints a table: step time and bytes per step for each transfer mode, with
+    overlap on and off. Figures go to --out (out/): 06_demo_loss.png and 06_demo_timeline.png;
+    with --bench, 06_demo_bench.png and 06_demo_bench_timeline.png.
+Modules: models.py, data.py (importable on their own), knowledge.py (what is sent, the losses),
+comms.py (who talks to whom, the protocol), train.py (the steps), bench.py, report.py.
+Setup and printing come from lessons/common.py.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distill_demo.bench import run_bench
+from distill_demo.comms import HEADER_BYTES, Channel, Layout, PeerLost, make_groups, parse_ratio
+from distill_demo.data import MarkovData
+from distill_demo.knowledge import MODES, bytes_per_token
+from distill_demo.models import SIZES
+from distill_demo.report import Progress, Timeline, plot_losses, plot_timelines
+from distill_demo.train import Run, Session, new_student, prepare_teacher, student_session, \
+    teacher_session
+from lessons.common import parser, print0, print_rank, setup, usage_error
+
+TIMELINE_STEPS = 3  # the last steps of a run go on the timeline
+
+
+def parse_args(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--ratio", default="1:1", help="teachers:students, e.g. 1:1, 1:3, 3:1 (1:1)")
+    p.add_argument("--transfer", choices=MODES, default="full",
+                   help="what the teachers send: full probabilities, top-k logits, or hidden "
+                        "states (full)")
+    p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
+    p.add_argument("--overlap", choices=["on", "off"], default="on",
+                   help="student computes while its teachers do, and asks for the next step "
+                        "early (on)")
+    p.add_argument("--steps", type=int, default=60, help="training steps (60)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="steps the teacher trains on the data first (60; 0 with --bench)")
+    p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
+    p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
+    p.add_argument("--lr", type=float, default=1e-2, help="the students' AdamW step size (0.01)")
+    p.add_argument("--bench", action="store_true", help="time every mode, overlap on and off")
+    p.add_argument("--warmup", type=int, default=3, help="--bench: untimed steps first (3)")
+    p.add_argument("--repeats", type=int, default=10, help="--bench: timed steps, median (10)")
+    p.add_argument("--save", help="write the trained student's weights to this file (rank 0)")
+    args = p.parse_args(argv)
+    if args.teacher_steps is None:
+        args.teacher_steps = 0 if args.bench else 60
+    return args
+
+
+def validate(args, world_size) -> Layout:
+    """Every mistake in the flags, said on every rank before any rank joins the group."""
+    try:
+        layout = Layout(world_size, *parse_ratio(args.ratio))
+    except ValueError as err:
+        usage_error(str(err))
+    per_student = len(layout.units[0].teachers)
+    for bad, message in [
+        (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
+        (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
+        (not 1 <= args.topk <= args.vocab,
+         f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
+         f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}"),
+        (args.batch < per_student,
+         f"--batch {args.batch}: each student splits its batch's rows over its {per_student} "
+         f"teachers (--ratio {args.ratio}), so it needs at least {per_student} rows"),
+        (args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.teacher_steps < 0,
+         "--steps and --repeats must be at least 1, --warmup and --teacher-steps at least 0"),
+    ]:
+        if bad:
+            usage_error(message)
+    return layout
+
+
+def train(run: Run):
+    """One training run; rank 0 reports what it did, checks it and draws it."""
+    args = run.args
+    session = Session(args.transfer, args.overlap == "on", args.steps,
+                      record=range(max(0, args.steps - TIMELINE_STEPS), args.steps))
+    result = answered = student = None
+    if run.rank in run.layout.students:
+        student, optimizer = new_student(run)
+        progress = Progress(args.steps, "train") if run.rank == 0 else None
+        result = student_session(run, student, optimizer, session,
+                                 progress and (lambda step, loss: progress.update(step, loss=loss)))
+        weights = torch.cat([p.detach().reshape(-1) for p in student.parameters()])
+        high, low = weights.clone(), -weights  # max - min over the students: 0 if all agree
+        dist.all_reduce(high, dist.ReduceOp.MAX, group=run.groups.students)
+        dist.all_reduce(low, dist.ReduceOp.MAX, group=run.groups.students)
+        gap = (high + low).max().item()
+        assert gap == 0.0, f"rank {run.rank}: student weights differ across students by {gap}"
+    else:
+        answered = teacher_session(run, prepare_teacher(run), session)
+    everyone = [None] * dist.get_world_size() if run.rank == 0 else None
+    dist.gather_object((answered, run.timeline.take()), everyone, dst=0)
+    if run.rank == 0:
+        report(run, result, everyone)
+        if args.save:
+            torch.save(student.state_dict(), args.save)
+            print0(f"saved the student's weights to {args.save}")
+
+
+def report(run: Run, result, everyone):
+    args, layout = run.args, run.layout
+    tokens = args.batch * args.seq
+    teacher_dim = SIZES[args.size]["teacher"][0]
+    per_token = bytes_per_token(args.transfer, args.vocab, args.topk, teacher_dim,
+                                torch.finfo(run.dtype).bits // 8)
+    n_teachers = len(layout.units[0].teachers)
+    print0(f"bytes per step per student: {result.bytes_in:,.0f} from its teachers, "
+           f"{result.bytes_out:,.0f} to them (ids)")
+    expected = tokens * per_token + n_teachers * HEADER_BYTES  # a header per answer
+    assert result.bytes_in == expected, f"rank 0: {result.bytes_in} bytes a step, not {expected}"
+    print0(f"checked: that is {tokens} tokens x {per_token:,} bytes ({args.transfer}) + "
+           f"{n_teachers} header{'s' * (n_teachers > 1)}, as knowledge.bytes_per_token says")
+    losses = result.losses
+    if len(losses) > 1:  # the first loss is taken before any step
+        assert losses[-1] < losses[0], f"rank 0: the loss did not fall: {losses[0]} -> {losses[-1]}"
+        print0(f"checked: mean student loss fell from {losses[0]:.4f} to {losses[-1]:.4f} "
+               f"in {args.steps} steps")
+    print0("checked: every student holds the same weights (spread 0 over the student group "
+           f"of {len(layout.students)})")
+    answered = [everyone[t][0] for t in layout.teachers]
+    assert answered == [args.steps] * len(layout.teachers), f"rank 0: teachers answered {answered}"
+    print0(f"checked: each teacher answered {args.steps} steps and stopped on the stop message")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{args.transfer}, overlap {args.overlap}, {layout.ratio[0]}:{layout.ratio[1]} "
+             f"on {dist.get_world_size()} ranks ({run.device.type})")
+    plot_losses({args.transfer: losses}, out / "06_demo_loss.png", f"distill_demo: {title}")
+    plot_timelines({f"last {TIMELINE_STEPS} steps": {r: e for r, (_, e) in enumerate(everyone)}},
+                   {r: layout.name(r) for r in range(len(everyone))},
+                   out / "06_demo_timeline.png", f"distill_demo: {title}")
+    print0(f"figures: {out / '06_demo_loss.png'}, {out / '06_demo_timeline.png'}")
+
+
+def main():
+    args = parse_args()
+    layout = validate(args, int(os.environ.get("WORLD_SIZE", args.nproc)))
+    with setup(args) as ctx:
+        run = Run(args, ctx.rank, ctx.device, layout, make_groups(layout),
+                  Channel(ctx.device, layout.name), MarkovData(args.vocab, args.seq),
+                  Timeline(ctx.device))
+        for line in layout.describe():
+            print0(line)
+        teacher, student = SIZES[args.size]["teacher"], SIZES[args.size]["student"]
+        print0(f"models ({args.size}): teacher {teacher[1]} layers x {teacher[0]}, student "
+               f"{student[1]} x {student[0]}; vocab {args.vocab}, seq {args.seq}, batch "
+               f"{args.batch} per student; {str(run.dtype).removeprefix('torch.')}")
+        try:
+            run_bench(run) if args.bench else train(run)
+        except PeerLost as err:  # a rank died: one line naming it, not a traceback per rank
+            print_rank(f"error: {err}")
+            raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
