@@ -1,0 +1,50 @@
+"""Broken on purpose: new_group called only by the ranks that are in the group.
+
+What is wrong
+    new_group must be called by every rank, for every group, even for groups it is not in:
+    each call takes the group's name from a counter kept on each rank, and all ranks must agree
+    on the names. Here ranks 0 and 1 create only the pair [0, 1], ranks 2 and 3 only the pair
+    [2, 3]: both pairs get the name "1", and their collectives can meet the wrong partners.
+    torch does not notice: the pairs' all_reduce gave 5.0 where 3.0 was right, or hung, from
+    one run to the next.
+
+Run it
+    torchrun --nproc-per-node 4 lessons/broken/new_group_members_only.py --debug
+
+What you should see
+    The ranks first compare the new_group calls they are about to make
+    (lessons.broken.same_on_every_rank), and every rank fails before any group exists: "the
+    ranks disagree on the new_group calls, in order: [[0, 1]] on ranks 0, 1 but [[2, 3]] on
+    ranks 2, 3", with a line that says why. torch itself has no such check: without it you get
+    the wrong sums or the hang above.
+
+The fix
+    Every rank creates both pairs, in the same order, and keeps the one it is in:
+    `pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]; mine = pairs[rank // 2]`.
+"""
+import torch
+import torch.distributed as dist
+
+from lessons.broken import explain, same_on_every_rank
+from lessons.common import EVEN, parser, print_rank, setup
+
+NEEDS = EVEN  # ranks pair up: [0, 1], [2, 3], ...
+
+
+# --8<-- [start:main]
+def main():
+    with setup(parser(__doc__).parse_args(), NEEDS) as ctx:
+        first = ctx.rank - ctx.rank % 2
+        calls = [[first, first + 1]]  # the mistake: each rank creates only the pair it is in
+        with explain("each pair called new_group for its own pair only, so both pairs would "
+                     "get the same name and meet the wrong partners"):
+            same_on_every_rank("the new_group calls, in order", calls)
+        pair = dist.new_group(calls[0])
+        x = torch.full((2,), float(ctx.rank + 1), device=ctx.device)
+        dist.all_reduce(x, group=pair)
+        print_rank(f"sum over my pair: {x.tolist()}")
+# --8<-- [end:main]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Regenerate the real outputs and pictures that docs/debugging.md and docs/tracing.md show.
+
+    python tools/capture_debug_outputs.py                 # broken, traces, overhead: ~30 min
+    python tools/capture_debug_outputs.py broken          # docs/outputs/broken_*.txt only
+    python tools/capture_debug_outputs.py traces          # docs/figures/trace_*.png only
+    python tools/capture_debug_outputs.py overhead        # docs/outputs/trace_overhead.txt
+    python tools/capture_debug_outputs.py gpu OUT         # NCCL traces on 2 GPUs, into OUT
+
+broken: every command under "Run it" in every lessons/broken/ program, plus lesson 06 on 3 ranks
+and the send/send deadlock with a long timeout (stopped by the launcher), on gloo. Each output
+goes to docs/outputs/broken_<name>[_<n>].txt as lessons.launcher prints it: the command, then
+the ranks' lines in rank order (torchrun's own log lines left out), paths made relative.
+traces: lessons 02, 05, 06 and 09, and the reference solutions of exercises 02.2, 05.1 and
+09.1 (through `COURSE_TRACE=DIR python -m lessons.check ID --solution`), with --trace on 2 or 4
+gloo ranks; each timeline redrawn (lessons.trace.merge) zoomed on the part the docs talk about.
+overhead: benchmarks/trace_overhead.py's output.
+gpu: lessons 00 (if it takes --trace), 02, 06 and 09 with --trace on 2 ranks, NCCL (or
+COURSE_BACKEND), each bounded by 30 s; into OUT, at most 7 files: nccl_<lesson>.png for each,
+nccl_02_trace.json, gpu_summary.txt (versions, exits, the event formats seen) and
+gpu_traces.tar.gz (everything, the per-rank traces too if it stays under 15 MiB).
+"""
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lessons import launcher, trace  # noqa: E402
+from lessons.broken import documented_runs  # noqa: E402
+
+OUTPUTS, FIGURES = ROOT / "docs" / "outputs", ROOT / "docs" / "figures"
+GLOO = {"COURSE_BACKEND": "gloo"}
+SITE = re.compile(r"[^\s\"]*/site-packages/")  # torch's own files: shown as site-packages/...
+
+
+def tidy(lines):
+    """Paths relative to the checkout, torch's as site-packages/...: the same on every machine."""
+    return [SITE.sub("site-packages/", line.replace(f"{ROOT}/", "")) for line in lines]
+
+
+def save(name, command, result):
+    text = "\n".join([f"$ {command}", *tidy(result.lines + result.stuck)]) + "\n"
+    (OUTPUTS / f"{name}.txt").write_text(text)
+    print(f"docs/outputs/{name}.txt: exit {result.returncode}, {result.seconds:.0f} s", flush=True)
+
+
+def capture_broken():
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    for path in sorted((ROOT / "lessons" / "broken").glob("[a-z]*.py")):
+        for i, (nproc, args) in enumerate(documented_runs(path), 1):
+            name = f"broken_{path.stem}" + (f"_{i}" if i > 1 else "")
+            command = " ".join(["torchrun --nproc-per-node", str(nproc),
+                                f"lessons/broken/{path.name}", *args])
+            save(name, command, launcher.launch(path, nproc, args, timeout=120, env=GLOO))
+    deadlock = ROOT / "lessons" / "broken" / "send_send_deadlock.py"
+    save("broken_send_send_deadlock_stopped",
+         'python -c \'from lessons.launcher import run_lesson; run_lesson("lessons/broken/'
+         'send_send_deadlock.py", 2, ["--timeout", "600"], timeout=20)\'',
+         launcher.launch(deadlock, 2, ["--timeout", "600"], timeout=20, env=GLOO))
+    save("broken_odd_world_size", "torchrun --nproc-per-node 3 lessons/06_distill.py",
+         launcher.launch(ROOT / "lessons" / "06_distill.py", 3, timeout=120, env=GLOO))
+
+
+def span_of(op, pad=1.0):
+    """A window (ms) from the first `op` on any rank to the end of the last one."""
+    def pick(digests):
+        mine = [o["t"] for d in digests for o in d["ops"] if o["op"] == op]
+        return min(s for s, _ in mine) - pad, max(e for _, e in mine) + pad
+    return pick
+
+
+def first_to_last(op, first, last, rank=0, pad=0.5):
+    """A window (ms) from the start of rank's `first` op of a kind to the end of its `last`."""
+    def pick(digests):
+        mine = sorted((o for o in digests[rank]["ops"] if o["op"] == op), key=lambda o: o["t"][0])
+        first_one, last_one = mine[max(first, -len(mine))], mine[min(last, len(mine) - 1)]
+        return first_one["t"][0] - pad, last_one["t"][1] + pad
+    return pick
+
+
+# name: (what to run: a lesson, or "check ID"; ranks; window picker or None; the title).
+# Overlap pictures use 2 ranks: on 2 shared cores, 4 ranks mostly show the OS's scheduling.
+TRACES = {
+    "02_p2p": ("02", 4, None, "lesson 02 on 4 gloo ranks: send/recv in pairs, the shape "
+               "handshake (header, then payload), isend/irecv, a ring of batch_isend_irecv"),
+    "02_ring_all_reduce": ("check 02.2", 4, span_of("send"),
+                           "exercise 02.2, the reference ring all-reduce on 4 gloo ranks: "
+                           "2 x 3 steps of isend/irecv round the ring"),
+    "05_overlap": ("05", 2, first_to_last("all_reduce", -24, -1, pad=1.0),
+                   "lesson 05 on 2 gloo ranks: an all_reduce per parameter, started from its "
+                   "hook while backward goes on (3 steps, 8 parameters)"),
+    "05_buckets": ("check 05.1", 2, span_of("all_reduce", pad=1.0),
+                   "exercise 05.1, the reference bucketed DDP on 2 gloo ranks: fewer, bigger "
+                   "all_reduces, still overlapping backward"),
+    "06_distill": ("06", 4, first_to_last("send", 4, 11, pad=1.0),
+                   "lesson 06 on 4 gloo ranks (students 0, 1; teachers 2, 3): 4 steps of ids "
+                   "out, probabilities back, the students' all_reduce"),
+    "09_naive": ("09", 4, None, "lesson 09 on 4 gloo ranks: the naive update (a request and a "
+                 "broadcast per tensor), then a timed 16 MiB broadcast"),
+    "09_fast": ("check 09.1", 4, None, "exercise 09.1, the reference fast update on 4 gloo "
+                "ranks: metadata once, then flat buckets back to back"),
+}
+
+
+def capture_traces(only=None):
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    for name, (what, nproc, window, title) in TRACES.items():
+        if only and name not in only:
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            if what.startswith("check "):  # the check's ranks read --trace from COURSE_TRACE
+                result = launcher.run_command(
+                    [sys.executable, "-m", "lessons.check", what.split()[1], "--solution",
+                     "--nproc", str(nproc)], timeout=300, env={**GLOO, "COURSE_TRACE": folder})
+            else:
+                result = launcher.launch(launcher.lesson_path(what), nproc, ["--trace", folder],
+                                         timeout=300, env=GLOO)
+            digests_file = Path(folder) / "digests.json"
+            if result.returncode != 0 or not digests_file.is_file():
+                sys.exit(f"{name}: {what} failed or wrote no trace:\n" + "\n".join(result.lines))
+            digests = json.loads(digests_file.read_text())
+            zoom = window(trace.align(digests)) if window else None
+            png = FIGURES / f"trace_{name}.png"
+            print(trace.merge(digests, folder, zoom, png, title), flush=True)
+
+
+def capture_overhead():
+    """Every run inside the benchmark is bounded by lessons.launcher, so no timeout here."""
+    done = subprocess.run([sys.executable, "benchmarks/trace_overhead.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    text = "$ python benchmarks/trace_overhead.py\n" + done.stdout
+    (OUTPUTS / "trace_overhead.txt").write_text(text)
+    print(done.stdout)
+
+
+GPU_LESSONS = ["00", "02", "06", "09"]  # 00 only once it takes --trace (see docs/tracing.md)
+
+
+def event_formats(rank_file):
+    """What the profiler wrote, for checking the parser against a new torch: event counts by
+    category and name, and one example of each kind of communication event's arguments."""
+    events = json.loads(rank_file.read_text())["traceEvents"]
+    kinds = collections.Counter((e.get("cat"), re.split(r"[(_:]", e["name"])[0]) for e in events
+                                if e.get("ph") == "X")
+    lines = [f"  {n:6d} {cat} {name}" for (cat, name), n in kinds.most_common(25)]
+    for probe in ("nccl", "record_param_comms", "gloo:", "c10d::"):
+        found = next((e for e in events if probe in e["name"].lower() and e.get("args")), None)
+        if found:
+            lines.append(f"  example {found.get('cat')} {found['name'][:60]}: "
+                         f"{json.dumps(found['args'])[:600]}")
+    return lines
+
+
+def capture_gpu(out):
+    """The NCCL run for the lead's 2-GPU machine: at most 8 files into `out`."""
+    import torch
+
+    out, backend = Path(out), os.environ.get("COURSE_BACKEND", "nccl")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = [f"torch {torch.__version__}, python {sys.version.split()[0]}, backend {backend}, "
+               f"GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}"]
+    with tempfile.TemporaryDirectory() as work:
+        for lesson in GPU_LESSONS:
+            path = launcher.lesson_path(lesson)
+            if lesson == "00" and "trace.recording" not in path.read_text():
+                summary.append(f"{path.name}: skipped, it does not take --trace yet")
+                continue
+            folder = Path(work) / path.stem
+            result = launcher.launch(path, 2, ["--trace", folder], timeout=30,
+                                     env={"COURSE_BACKEND": backend, "NCCL_NVLS_ENABLE": "0"})
+            log = "\n".join(result.lines + result.stuck) + "\n"
+            (Path(work) / f"{path.stem}.log").write_text(log)
+            said = [line for line in result.lines if "] trace: " in line]
+            summary.append(f"{path.name}: exit {result.returncode} in {result.seconds:.1f} s; "
+                           f"{said[0] if said else 'no trace line (see its log)'}")
+            if (folder / "timeline.png").is_file():
+                shutil.copy(folder / "timeline.png", out / f"nccl_{path.stem}.png")
+            if lesson == "02" and (folder / "trace.json").is_file():
+                shutil.copy(folder / "trace.json", out / "nccl_02_trace.json")
+            if (folder / "rank0.json").is_file():
+                summary += [f"{path.stem}/rank0.json, event formats:",
+                            *event_formats(folder / "rank0.json")]
+        (out / "gpu_summary.txt").write_text("\n".join(summary) + "\n")
+        for raw in (True, False):  # everything, or without the full per-rank traces if too big
+            with tarfile.open(out / "gpu_traces.tar.gz", "w:gz") as tar:
+                tar.add(work, "gpu_traces", filter=lambda t: None if not raw and re.search(
+                    r"rank\d+\.json$", t.name) else t)
+            if (out / "gpu_traces.tar.gz").stat().st_size < 15 * 2**20:
+                break
+    print("\n".join(summary))
+
+
+def main():
+    parts = sys.argv[1:] or ["broken", "traces", "overhead"]  # gpu: only when asked
+    if "broken" in parts:
+        capture_broken()
+    if "traces" in parts:
+        capture_traces([p for p in parts if p in TRACES] or None)
+    if "overhead" in parts:
+        capture_overhead()
+    if parts[0] == "gpu":
+        capture_gpu(parts[1] if len(parts) > 1 else "out/gpu")
+
+
+if __name__ == "__main__":
+    main()
