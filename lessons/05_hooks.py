@@ -46,9 +46,7 @@ BUCKET_BYTES = 100  # ... and buckets of up to 100 bytes: a [4, 4] weight and a 
 
 def make_model(device, width=WIDTH):
     torch.manual_seed(SEED)  # the same weights on every rank: no broadcast needed to start
-    layers = []
-    for _ in range(DEPTH):
-        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    layers = [m for _ in range(DEPTH) for m in (torch.nn.Linear(width, width), torch.nn.Tanh())]
     return torch.nn.Sequential(*layers[:-1]).to(device)
 
 
@@ -61,14 +59,6 @@ def batch(step, world_size, device, width=WIDTH):
 
 def loss_fn(model, x, y):
     return torch.nn.functional.mse_loss(model(x), y)  # a mean over the samples it is given
-
-
-@torch.no_grad()
-def sgd_step(model):
-    """Plain SGD, by hand: torch.optim would import torch._dynamo, seconds of start-up per rank."""
-    for p in model.parameters():
-        p -= LR * p.grad
-        p.grad = None
 
 
 # --8<-- [start:order]
@@ -151,9 +141,8 @@ def accumulate(ctx):
         loss_fn(model, x.bfloat16(), y.bfloat16()).backward()  # the hooks fill main_grad
         grads = torch.autograd.grad(loss_fn(probe, x.bfloat16(), y.bfloat16()),
                                     list(probe.parameters()))
-        for s32, s16, grad in zip(fp32_sum, bf16_sum, grads):
-            s32 += grad
-            s16 += grad
+        fp32_sum = [s + grad for s, grad in zip(fp32_sum, grads)]  # fp32 + bf16 adds in fp32
+        bf16_sum = [s + grad for s, grad in zip(bf16_sum, grads)]
         loss_fn(truth, x.double(), y.double()).backward()
         if done in REPORT_AT:
             errors[done] = (error(bf16_sum, truth), error(main_grads, truth))
@@ -207,49 +196,59 @@ def overlap_ddp(model, log):
 # --8<-- [end:ddp]
 
 
-def train(ctx):
-    """STEPS of SGD with overlap_ddp, next to a single-process model on the full batch."""
-    model = make_model(ctx.device)
+def train(ctx, make_ddp, steps=STEPS, width=WIDTH):
+    """`steps` SGD steps of a model made data-parallel by make_ddp(model, log) -> finish, next to
+    a single-process model on the full batch. Returns both models, the log as (step, what, which,
+    time), and {"step s, name.grad": (the DDP model's, the reference's)}."""
+    model = make_model(ctx.device, width)
     reference = copy.deepcopy(model)  # the single-process model: the full batch, no collectives
-    events = []  # (step, what, which, time): what the hooks did, when
-    step = 0
-    finish = overlap_ddp(model, lambda what, which: events.append(
+    events, grads, step = [], {}, 0
+    finish = make_ddp(model, lambda what, which: events.append(
         (step, what, which, time.perf_counter())))
     mine = slice(ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH)  # my share of a batch
-    for step in range(STEPS):
-        x, y = batch(step, ctx.world_size, ctx.device)
+    for step in range(steps):
+        x, y = batch(step, ctx.world_size, ctx.device, width)
         loss = loss_fn(model, x[mine], y[mine])
         events.append((step, "backward", "starts", time.perf_counter()))
         loss.backward()  # the hooks start all_reduces meanwhile
         events.append((step, "backward", "returns", time.perf_counter()))
         finish()  # every gradient averaged over the ranks: now the optimizer may step
-        sgd_step(model)
         loss_fn(reference, x, y).backward()
-        sgd_step(reference)
-    return model, reference, events
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            grads[f"step {step}, {name}.grad"] = p.grad.clone(), q.grad.clone()
+        with torch.no_grad():  # SGD by hand: torch.optim imports torch._dynamo, seconds per rank
+            for p in [*model.parameters(), *reference.parameters()]:
+                p -= LR * p.grad
+                p.grad = None
+    return model, reference, events, grads
+
+
+def what_hooks_did(events, names, steps):
+    """From train()'s log, per step: each parameter's hook calls, and what was launched; over
+    all steps: how many launches came after backward had returned."""
+    hooks = [[sum(e[:3] == (s, "hook", n) for e in events) for n in names] for s in range(steps)]
+    launched = [[e[2] for e in events if e[:2] == (s, "launch")] for s in range(steps)]
+    returned = {e[0]: i for i, e in enumerate(events) if e[1:3] == ("backward", "returns")}
+    late = sum(1 for i, e in enumerate(events) if e[1] == "launch" and i > returned[e[0]])
+    return hooks, launched, late
 
 
 def check_and_plot(ctx, model, reference, events, out):
     names = [name for name, _ in model.named_parameters()]
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert torch.allclose(p, q, atol=1e-5), f"rank {ctx.rank}: {name} differs by " \
-                                                f"{(p - q).abs().max().item():.2e}"
+        assert torch.allclose(p, q, atol=1e-5), \
+            f"rank {ctx.rank}: {name} differs by {(p - q).abs().max().item():.2e}"
     print0(f"checked: after {STEPS} SGD steps the {ctx.world_size}-rank model equals the "
            "single-process model trained on the full batch (to 1e-5)")
-    hooks = collections.Counter((s, which) for s, what, which, _ in events if what == "hook")
-    assert set(hooks.values()) == {1} and len(hooks) == STEPS * len(names), f"{hooks}"
+    hooks, launched, late = what_hooks_did(events, names, STEPS)
+    assert hooks == [[1] * len(names)] * STEPS, f"rank {ctx.rank}: hook calls {hooks}"
     print0(f"checked: every parameter's hook fired exactly once per step "
            f"({len(names)} parameters x {STEPS} steps)")
-    for s in range(STEPS):  # in the order they happened: every all_reduce before backward ended
-        happened = [(what, which) for step, what, which, _ in events if step == s]
-        returned = happened.index(("backward", "returns"))
-        launches = [what for what, _ in happened if what == "launch"]
-        assert launches == [what for what, _ in happened[:returned] if what == "launch"] \
-            and len(launches) == len(names), f"rank {ctx.rank}: {happened}"
+    assert late == 0 and all(len(step) == len(names) for step in launched), \
+        f"rank {ctx.rank}: {events}"
     print0(f"checked: all {len(names)} all_reduces of every step started before backward returned")
-    last = [e for e in events if e[0] == STEPS - 1]
     timelines = [None] * ctx.world_size if ctx.rank == 0 else None
-    dist.gather_object(last, timelines, dst=0)
+    dist.gather_object([e for e in events if e[0] == STEPS - 1], timelines, dst=0)  # last step
     if ctx.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         plot_timeline(timelines, Path(out) / "05_timeline.png")
@@ -265,24 +264,22 @@ def plot_timeline(timelines, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(timelines)))
-    rows = []  # per rank: (what, which, ms since its backward started)
-    for events in timelines:
+    right = 0  # the x-axis ends at 1.6 x the longest backward
+    for rank, events in enumerate(timelines):
         start = next(t for _, _, which, t in events if which == "starts")
-        rows.append([(what, which, (t - start) * 1e3) for _, what, which, t in events])
-    right = 1.6 * max(t for ms in rows for _, which, t in ms if which == "returns")
-    for rank, ms in enumerate(rows):
-        returned = next(t for _, which, t in ms if which == "returns")
-        waited = next(t for what, _, t in ms if what == "waited")
-        first = rank == 0  # label each kind of mark once
-        ax.barh(rank, returned, height=0.5, color="C0", alpha=0.4,
-                label="backward" if first else None)
+        ms = collections.defaultdict(list)  # "returns", "waited", "launch" -> [ms since start]
+        for _, what, which, t in events:
+            ms[which if what == "backward" else what].append((t - start) * 1e3)
+        (returned,), (waited,), launches = ms["returns"], ms["waited"], ms["launch"]
+        right = max(right, 1.6 * returned)
+        once = "" if rank == 0 else "_"  # a label starting "_" stays out of the legend
+        ax.barh(rank, returned, height=0.5, color="C0", alpha=0.4, label=once + "backward")
         ax.barh(rank, waited - returned, left=returned, height=0.5, color="C7", alpha=0.3,
-                label="finish(): waiting for the all_reduces" if first else None)
-        ax.text(right * 0.98, rank, f"finish() returned at {waited:.1f} ms", ha="right",
-                va="center", fontsize=8)
-        launches = [t for what, _, t in ms if what == "launch"]
+                label=once + "finish(): waiting for the all_reduces")
+        ax.text(0.98, rank, f"finish() returned at {waited:.1f} ms", ha="right", va="center",
+                fontsize=8, transform=ax.get_yaxis_transform())  # x: a fraction of the axis
         ax.plot(launches, [rank] * len(launches), "|", color="C3", ms=18, mew=1.5,
-                label="an all_reduce starts (one per parameter)" if first else None)
+                label=once + "an all_reduce starts (one per parameter)")
     ax.set_xlim(0, right)
     ax.set_yticks(range(len(timelines)), [f"rank {r}" for r in range(len(timelines))])
     ax.invert_yaxis()  # rank 0 on top
@@ -313,9 +310,9 @@ def bucketed_ddp(model, bucket_bytes: int, log):
 
 
 def check_bucketed_ddp(ctx, bucketed_ddp):
-    """Two backward passes through your buckets, next to the single-process gradients."""
-    model = make_model(ctx.device, CHECK_WIDTH)
-    reference = copy.deepcopy(model)
+    """Two steps through your buckets (train()), next to the single-process gradients."""
+    model, _, events, grads = train(ctx, lambda net, log: bucketed_ddp(net, BUCKET_BYTES, log),
+                                    steps=2, width=CHECK_WIDTH)
     names = [name for name, _ in model.named_parameters()]
     buckets, used = 0, None  # how many buckets the rule in the docstring makes
     for p in reversed(list(model.parameters())):
@@ -324,34 +321,12 @@ def check_bucketed_ddp(ctx, bucketed_ddp):
             buckets, used = buckets + 1, size
         else:
             used += size
-    now = {"step": 0, "in backward": False}
-    events = []
-    finish = bucketed_ddp(model, BUCKET_BYTES, lambda what, which: events.append(
-        (now["step"], what, which, now["in backward"])))
-    grads, ref_grads = {}, {}  # "step s, name" -> gradient
-    mine = slice(ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH)
-    for step in range(2):
-        now["step"] = step
-        x, y = batch(step, ctx.world_size, ctx.device, CHECK_WIDTH)
-        now["in backward"] = True
-        loss_fn(model, x[mine], y[mine]).backward()
-        now["in backward"] = False
-        finish()
-        grads.update({f"step {step}, {n}.grad": p.grad.clone()
-                      for n, p in model.named_parameters()})
-        model.zero_grad()
-        loss_fn(reference, x, y).backward()
-        ref_grads.update({f"step {step}, {n}.grad": p.grad.clone()
-                          for n, p in reference.named_parameters()})
-        reference.zero_grad()
-    hooks = [[sum(e[:3] == (s, "hook", n) for e in events) for n in names] for s in range(2)]
-    launched = [sorted(e[2] for e in events if e[:2] == (s, "launch")) for s in range(2)]
-    late = sum(1 for e in events if e[1] == "launch" and not e[3])
-    yours = {"hook calls per parameter": hooks, "buckets launched": launched,
-             "launched after backward returned": late, **grads}
+    hooks, launched, late = what_hooks_did(events, names, 2)
+    yours = {"hook calls per parameter": hooks, "buckets launched": [sorted(s) for s in launched],
+             "launched after backward returned": late, **{k: g for k, (g, _) in grads.items()}}
     expected = {"hook calls per parameter": [[1] * len(names)] * 2,
                 "buckets launched": [list(range(buckets))] * 2,
-                "launched after backward returned": 0, **ref_grads}
+                "launched after backward returned": 0, **{k: g for k, (_, g) in grads.items()}}
     return yours, expected
 
 
@@ -363,9 +338,8 @@ def main():
     args = parser(__doc__).parse_args()
     with setup(args) as ctx:  # lessons/common.py: rank, device, init, teardown; any world size
         fired, grad = hook_order(ctx.device)
-        print0("hooks on y = w * x, in the order they fired, and w.grad at that moment:")
-        for hook, grad_then in fired:
-            print0(f"  {hook:<40} w.grad {grad_then}")
+        print0("hooks on y = w * x, in the order they fired, and w.grad at that moment:\n"
+               + "\n".join(f"  {hook:<40} w.grad {grad_then}" for hook, grad_then in fired))
         expected = [("MulBackward0 hook", None), ("w.register_hook", None),
                     ("w.register_post_accumulate_grad_hook", [6.0, 8.0]),
                     ("AccumulateGrad node hook", [6.0, 8.0])]
@@ -376,7 +350,7 @@ def main():
         assert calls == ["kept"], f"rank {ctx.rank}: the hooks fired as {calls}"
         print0("checked: a hook on an AccumulateGrad node nobody keeps never fires; kept, it does")
         accumulate(ctx)
-        model, reference, events = train(ctx)
+        model, reference, events, _ = train(ctx, overlap_ddp)
         check_and_plot(ctx, model, reference, events, args.out)
         print0("Next: exercise 05.1 (bucketed_ddp). Check it: python -m lessons.check 05")
 

@@ -121,32 +121,28 @@ def collect(reports, processes, count):
 
 
 def start_children(method, port, size, values):
-    """multiprocessing.Process: one child per entry of `values` ({rank in the new world: the
-    number it adds to the all_reduce}), in a world of `size` on `port`. Returns their reports."""
-    context = multiprocessing.get_context(method)
-    reports = context.Queue()
-    children = [context.Process(target=importable(child_world),
-                                args=(index, port, size, dist.get_rank(), values, reports))
-                for index in values]
+    """One child per entry of `values` ({rank in the new world: the number it adds to the
+    all_reduce}), in a world of `size` on `port`; returns their reports. Two ways to start them:
+    multiprocessing.Process with start method `method` ("spawn" or "fork"), or, for method
+    "torch.multiprocessing.spawn", that function: child_world(i, ...) for i in range(size), each
+    in a fresh interpreter. join=False: this rank collects the reports while they run (its
+    join() would re-raise a child's exception; here the children report their own errors)."""
+    args, children = (port, size, dist.get_rank(), values), []
     try:
-        for child in children:
-            child.start()
+        if method == "torch.multiprocessing.spawn":
+            reports = torch_mp.get_context("spawn").Queue()
+            children = torch_mp.spawn(importable(child_world), nprocs=size, join=False,
+                                      args=(*args, reports)).processes
+        else:
+            context = multiprocessing.get_context(method)
+            reports = context.Queue()
+            children = [context.Process(target=importable(child_world), args=(i, *args, reports))
+                        for i in values]
+            for child in children:
+                child.start()
         return collect(reports, children, len(children))
     finally:  # every child joined, or stopped: none outlives this rank
         join_or_stop(children)
-
-
-def spawn_children(port, size, values):
-    """torch.multiprocessing.spawn: calls child_world(i, ...) for i in range(size), each child
-    in a fresh interpreter. join=False: this rank collects the reports while they run (its
-    join() would re-raise a child's exception; here the children report their own errors)."""
-    reports = torch_mp.get_context("spawn").Queue()
-    context = torch_mp.spawn(importable(child_world), nprocs=size, join=False,
-                             args=(port, size, dist.get_rank(), values, reports))
-    try:
-        return collect(reports, context.processes, size)
-    finally:
-        join_or_stop(context.processes)
 # --8<-- [end:child]
 
 
@@ -311,8 +307,8 @@ def main():
         ports = [free_port(), free_port()] if ctx.rank == 0 else [None, None]
         dist.broadcast_object_list(ports, src=0)
         values = {i: (i + 1) * 10.0 ** ctx.rank for i in range(CHILDREN)}
-        mine = (start_children(args.children, ports[0], CHILDREN, values) if ctx.rank == 0 else
-                spawn_children(ports[1], CHILDREN, values) if ctx.rank == 1 else [])
+        method = {0: args.children, 1: "torch.multiprocessing.spawn"}.get(ctx.rank)
+        mine = start_children(method, ports[ctx.rank], CHILDREN, values) if method else []
         everyone = [None] * ctx.world_size if ctx.rank == 0 else None
         dist.gather_object(mine, everyone, dst=0)
 

@@ -61,38 +61,32 @@ def importable(obj):
     return getattr(importlib.import_module("lessons.08_rpc"), obj.__name__)
 
 
-def seeded(model, seed):
-    """Give `model` weights from its own generator: two threads building models at once (a
-    teacher built by an RPC thread, a student by the main one) would race on the global RNG."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model:
-            if isinstance(layer, torch.nn.Linear):
-                bound = 1 / math.sqrt(layer.in_features)
-                layer.weight.uniform_(-bound, bound, generator=generator)
-                layer.bias.uniform_(-bound, bound, generator=generator)
-    return model
+def mlp(seed, *widths):
+    """Linear layers of these widths, ReLU between, weights from a generator of their own: two
+    threads building models at once (a teacher built by an RPC thread, a student by the main
+    one) would race on the global RNG."""
+    generator, layers = torch.Generator().manual_seed(seed), []
+    for fan_in, fan_out in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+        bound = 1 / math.sqrt(fan_in)  # the range torch's own Linear init draws from
+        with torch.no_grad():
+            layers[-2].weight.uniform_(-bound, bound, generator=generator)
+            layers[-2].bias.uniform_(-bound, bound, generator=generator)
+    return layers[:-1]
 
 
 def teacher_net():
-    return seeded(torch.nn.Sequential(
-        torch.nn.Linear(DIM, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
-        torch.nn.ReLU(), torch.nn.Linear(HIDDEN, CLASSES)), SEED)
+    return torch.nn.Sequential(*mlp(SEED, DIM, HIDDEN, HIDDEN, CLASSES))
 
 
 class Student(torch.nn.Sequential):
     """The student: smaller than its teacher; takes batches from the CPU, wherever it lives."""
-    def __init__(self, device):
-        super().__init__(torch.nn.Linear(DIM, STUDENT_HIDDEN), torch.nn.ReLU(),
-                         torch.nn.Linear(STUDENT_HIDDEN, CLASSES))
-        seeded(self, SEED + 1).to(device)
-
     def forward(self, batch):
         return super().forward(batch.to(self[0].weight.device))
 
 
 def new_student(device):
-    student = Student(device)
+    student = Student(*mlp(SEED + 1, DIM, STUDENT_HIDDEN, CLASSES)).to(device)
     return student, torch.optim.SGD(student.parameters(), lr=LR)
 
 
@@ -246,8 +240,7 @@ def check_prefetching(ctx, train_prefetching):
     try:
         owner = (ctx.rank + 1) % ctx.world_size
         teacher = rpc.remote(f"worker{owner}", importable(Teacher), args=(devices[owner],))
-        student, optimizer = new_student(ctx.device)
-        yours = train_prefetching(student, optimizer, teacher, make_batches(ctx.rank))
+        yours = train_prefetching(*new_student(ctx.device), teacher, make_batches(ctx.rank))
         expected = reference_losses(ctx.rank, ctx.device)  # compared with a float tolerance:
         return {"losses": torch.tensor(yours)}, {"losses": torch.tensor(expected)}  # GPUs differ
     finally:  # every rank gets here, stub or not: the graceful shutdown is a meeting of all
@@ -258,31 +251,35 @@ def check_prefetching(ctx, train_prefetching):
 EXERCISES = {"08.1": (check_prefetching, "train_prefetching")}
 
 
-def timings(teacher, device, batches):
+def show_timings(me, teacher_name, teacher, device):
     """Median milliseconds: asking alone, the student's forward and step alone, whole steps
     with rpc_sync and rpc_async; and one rpc_async watched: did the two sides work at once?"""
+    batches = make_batches(0)
     student, optimizer = new_student(device)
     logits = teacher.rpc_sync().forward(batches[0])  # also warms up the connection
 
-    def median_ms(work):
-        times = []
-        for batch in batches:
-            start = time.perf_counter()
-            work(batch)
-            times.append(1000 * (time.perf_counter() - start))
-        return statistics.median(times)
-    medians = (median_ms(lambda b: teacher.rpc_sync().forward(b)),
-               median_ms(lambda b: student(b).sum().item()),  # .item(): wait for a GPU, too
-               median_ms(lambda b: distill_step(student, optimizer, b, logits)),
-               median_ms(lambda b: train_sync(student, optimizer, teacher, [b])),
-               median_ms(lambda b: train_async(student, optimizer, teacher, [b])))
-    start = time.perf_counter()
-    future = teacher.rpc_async().forward(batches[0])
-    returned_ms = 1000 * (time.perf_counter() - start)
+    def timed(work, batch):  # (milliseconds, what work returned)
+        start = time.perf_counter()
+        result = work(batch)
+        return 1000 * (time.perf_counter() - start), result
+
+    works = (lambda b: teacher.rpc_sync().forward(b),
+             lambda b: student(b).sum().item(),  # .item(): wait for a GPU, too
+             lambda b: distill_step(student, optimizer, b, logits),
+             lambda b: train_sync(student, optimizer, teacher, [b]),
+             lambda b: train_async(student, optimizer, teacher, [b]))
+    ask, forward, step, sync, overlapped = [statistics.median(timed(work, b)[0] for b in batches)
+                                            for work in works]
+    returned, future = timed(lambda b: teacher.rpc_async().forward(b), batches[0])
     student(batches[0]).sum().item()
     answered = future.done()  # already answered when the student's forward was done?
     future.wait()
-    return medians, returned_ms, answered
+    print0(f"{me}, medians of {STEPS} steps: asking {teacher_name} {ask:.1f} ms, the "
+           f"student's forward {forward:.1f} ms, its whole step {step:.1f} ms")
+    print0(f"{me}: rpc_async returned in {returned:.2f} ms; when the student's forward was "
+           f"done, the answer was {'in' if answered else 'not in yet'}")
+    print0(f"{me}: a step with rpc_sync {sync:.1f} ms, with rpc_async {overlapped:.1f} ms: at "
+           "most the forward can hide; exercise 08.1 hides the whole step")
 
 
 def student_work(ctx, args, me, teacher_name, teacher_info, student_group, students):
@@ -294,15 +291,13 @@ def student_work(ctx, args, me, teacher_name, teacher_info, student_group, stude
     hang_s = 3 * args.rpc_timeout if args.teacher == "hangs" else 0.0
     teacher = rpc.remote(teacher_name, importable(Teacher),  # built there; we hold an RRef
                          args=(teacher_info["device"], hang_s, args.teacher == "dies"))
-    student, optimizer = new_student(ctx.device)
-    losses = train_sync(student, optimizer, teacher, make_batches(ctx.rank))
+    losses = train_sync(*new_student(ctx.device), teacher, make_batches(ctx.rank))
     expected = reference_losses(ctx.rank, ctx.device)
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, expected)), \
         f"rank {ctx.rank}: losses over RPC {losses}, in one process {expected}"
     print0(f"checked: {STEPS} distillation steps through an RRef to {teacher_name} give the losses "
            f"of one process holding both models ({losses[0]:.4f} ... {losses[-1]:.4f})")
-    student, optimizer = new_student(ctx.device)
-    overlapped = train_async(student, optimizer, teacher, make_batches(ctx.rank))
+    overlapped = train_async(*new_student(ctx.device), teacher, make_batches(ctx.rank))
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(overlapped, losses)), \
         f"rank {ctx.rank}: rpc_async losses {overlapped}, rpc_sync {losses}"
     print0("checked: rpc_async, with the student's forward in between, gives the same losses")
@@ -326,14 +321,7 @@ def student_work(ctx, args, me, teacher_name, teacher_info, student_group, stude
                "its GPU}} lets RPC send CUDA tensors, which it refuses otherwise")
 
     if ctx.rank == 0:  # timed alone: the other students wait below; each side gets a core
-        (ask, forward, step, sync, overlapped), returned, answered = timings(
-            teacher, ctx.device, make_batches(0))
-        print0(f"{me}, medians of {STEPS} steps: asking {teacher_name} {ask:.1f} ms, the "
-               f"student's forward {forward:.1f} ms, its whole step {step:.1f} ms")
-        print0(f"{me}: rpc_async returned in {returned:.2f} ms; when the student's forward was "
-               f"done, the answer was {'in' if answered else 'not in yet'}")
-        print0(f"{me}: a step with rpc_sync {sync:.1f} ms, with rpc_async {overlapped:.1f} ms: at "
-               "most the forward can hide; exercise 08.1 hides the whole step")
+        show_timings(me, teacher_name, teacher, ctx.device)
     dist.barrier(group=student_group)
 
 
