@@ -85,7 +85,7 @@ def init_distributed(backend_flag, init_method, timeout_s):
         if "EADDRINUSE" in str(err):
             usage_error(f"{init_method}: that port is already in use on this machine. Pick "
                         "another port, or leave out --init-method and let torchrun --standalone "
-                        "pick a free one.")
+                        "pick a free one.", every_rank=False)  # only rank 0 listens there
         raise
     if use_nccl:
         # The first NCCL collective sets up connections (~150 ms); pay that here, not in the

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lessons.common import AT_LEAST_2, parser, print0, setup, usage_error
+from lessons.common import AT_LEAST_2, parser, print0, print_table0, setup, usage_error
 
 NEEDS = AT_LEAST_2  # the lesson broadcasts from rank 1 too
 
@@ -70,17 +70,6 @@ def fmt(t):
     if isinstance(t, list):
         return "[" + ", ".join(fmt(x) for x in t) + "]"
     return ", ".join(f"{v:g}" for v in t.flatten().tolist())
-
-
-def show_table(rank, row):
-    """Every rank passes its row (a dict); rank 0 prints them all, in rank order."""
-    rows = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(row, rows, dst=0)  # a collective: every rank calls it, rank 0 receives
-    if rank == 0:
-        width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in row}
-        print0("  ".join(k.rjust(width[k]) for k in row))
-        for r in rows:
-            print0("  ".join(str(r[k]).rjust(width[k]) for k in row))
 
 
 def tour(ctx):
@@ -150,7 +139,7 @@ def tour(ctx):
     dist.all_gather(waits, waited)
     assert max(w.item() for w in waits[:-1]) > SLEEP_S / 2, f"rank {rank}: nobody waited"
     # --8<-- [end:barrier]
-    show_table(rank, row)
+    print_table0(row)
     print0("(reduce's result on ranks other than dst is unspecified: shown in brackets)")
     print0(f"checked: barrier kept the other ranks waiting for the last, {SLEEP_S} s late")
     print0("barrier wait per rank: " + ", ".join(f"{w.item():.2f} s" for w in waits))

@@ -26,7 +26,7 @@ once) and, on GPU, what the CUDA allocator handed out (torch.cuda.memory_allocat
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print0, setup
+from lessons.common import parser, print0, print_table0, setup
 
 SEED = 0  # the tensor rank 0 sends is drawn from this seed; every rank can redraw it to check
 ROWS, COLS = 1000, 1000  # float32: 4 MB. Rows are cut among the ranks
@@ -52,17 +52,6 @@ def measured(ctx, run):
     kept = run()
     allocated = torch.cuda.memory_allocated(ctx.device) - before if cuda else None
     return kept, held_bytes(kept), allocated
-
-
-def show_table(rank, row):
-    """Every rank passes its row (a dict); rank 0 prints them all, in rank order."""
-    rows = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(row, rows, dst=0)  # a collective: every rank calls it, rank 0 receives
-    if rank == 0:
-        width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in row}
-        print0("  ".join(k.rjust(width[k]) for k in row))
-        for r in rows:
-            print0("  ".join(str(r[k]).rjust(width[k]) for k in row))
 
 
 def scatter_vs_broadcast(ctx, reference):
@@ -106,7 +95,7 @@ def scatter_vs_broadcast(ctx, reference):
     if bcast_cuda is not None:
         # The allocator rounds each block up to 512 bytes: a little more than the storage.
         row.update({"CUDA: broadcast": bcast_cuda, "CUDA: scatter": scatter_cuda})
-    show_table(rank, row)
+    print_table0(row)
     print0(f"checked: broadcast gives every rank the whole tensor, scatter only its "
            f"{rows // n} rows; the bytes held match [rows, cols] * 4 on all {n} ranks")
     return piece, padded
@@ -132,7 +121,7 @@ def all_to_all(ctx):
     # --8<-- [end:all_to_all]
     expected = [10.0 * j + rank for j in range(n)]  # part j of what we hold came from rank j
     assert received.tolist() == expected, f"rank {rank}: got {received.tolist()}, not {expected}"
-    show_table(rank, {"rank": rank, "sends": str(send.int().tolist()),
+    print_table0({"rank": rank, "sends": str(send.int().tolist()),
                       "receives": str(received.int().tolist())})
     print0(f"checked: all_to_all on {n} ranks: rank r receives element r of every rank, in rank "
            "order (a transpose)")
@@ -156,7 +145,7 @@ def reduce_scatter(ctx):
     expected = (torch.arange(n * per_rank, dtype=torch.float32) * n * (n + 1) / 2).chunk(n)[rank]
     assert torch.equal(mine.cpu(), expected), f"rank {rank}: {mine} instead of {expected}"
     assert torch.equal(same.cpu(), expected), f"rank {rank}: all_reduce+chunk gave {same}"
-    show_table(rank, {"rank": rank, "grad": str(grad.int().tolist()),
+    print_table0({"rank": rank, "grad": str(grad.int().tolist()),
                       "reduce_scatter keeps": str(mine.int().tolist())})
     print0(f"checked: reduce_scatter on {n} ranks leaves piece r of the sum on rank r, the same "
            "as all_reduce then chunk (gloo's way)")

@@ -95,6 +95,11 @@ def _worker(exercises, source):
             wrong = _differences(yours, expected)
             common.print_rank(f"MISMATCH {exercise}\n" + "\n".join(wrong) if wrong else f"PASS {exercise}")
             failed = failed or bool(wrong)
+        # Every rank has said its verdict before any exits: torchrun stops the others as soon as
+        # one rank exits non-zero, which would cut a slower rank's verdict short.
+        import torch.distributed as dist
+
+        dist.barrier()
     raise SystemExit(1 if failed else 0)
 
 

@@ -29,7 +29,7 @@ AT_LEAST_2 = ("at least 2 ranks", lambda n: n >= 2)
 
 # Started by lessons.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
 # stack in a file, so the launcher can say where each rank was stuck.
-if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ:
+if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ and hasattr(faulthandler, "register"):
     _stack_fd = os.open(Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.{os.getpid()}.txt",
                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # open for the process's lifetime
     faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
@@ -48,11 +48,23 @@ def print0(*args, sep=" "):
         print_rank(*args, sep=sep)
 
 
-def usage_error(message):
-    """A mistake in how the program was started: said on every rank, exit code 2, no traceback."""
+def print_table0(row):
+    """Every rank passes its row (a dict, same keys on every rank); rank 0 prints them all,
+    aligned, in rank order. A collective: every rank must call it."""
+    rows = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(row, rows, dst=0)  # pickled, sent to rank 0; None elsewhere
+    if rows:
+        width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in row}
+        print_rank("\n".join("  ".join(str(r[k]).rjust(width[k]) for k in row)
+                              for r in [dict(zip(row, row)), *rows]))
+
+
+def usage_error(message, every_rank=True):
+    """A mistake in how the program was started: exit code 2, no traceback. every_rank: each rank
+    finds it too, so wait (bounded) until all have said it, or torchrun stops the slower ones."""
     print_rank(f"error: {message}")
-    if "MASTER_PORT" in os.environ:  # under torchrun: wait (bounded) until every rank has said it,
-        _all_ranks_reach("course/usage_error")  # or torchrun stops the slower ones first
+    if every_rank and "MASTER_PORT" in os.environ:
+        _all_ranks_reach("course/usage_error")
     raise SystemExit(2)
 
 

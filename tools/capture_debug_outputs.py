@@ -4,6 +4,7 @@
     python tools/capture_debug_outputs.py broken          # docs/outputs/broken_*.txt only
     python tools/capture_debug_outputs.py traces          # docs/figures/trace_*.png only
     python tools/capture_debug_outputs.py overhead        # docs/outputs/trace_overhead.txt
+    python tools/capture_debug_outputs.py troubles        # docs/outputs/trouble_*.txt only
     python tools/capture_debug_outputs.py gpu OUT         # NCCL traces on 2 GPUs, into OUT
 
 broken: every command under "Run it" in every lessons/broken/ program, plus lesson 06 on 3 ranks
@@ -14,6 +15,8 @@ traces: lessons 02, 05, 06 and 09, and the reference solutions of exercises 02.2
 09.1 (through `COURSE_TRACE=DIR python -m lessons.check ID --solution`), with --trace on 2 or 4
 gloo ranks; each timeline redrawn (lessons.trace.merge) zoomed on the part the docs talk about.
 overhead: benchmarks/trace_overhead.py's output.
+troubles: for docs/troubleshooting.md, lesson 00 told to meet on a port that is already taken,
+and told to use NCCL on a machine without enough GPUs.
 gpu: lessons 00 (if it takes --trace), 02, 06 and 09 with --trace on 2 ranks, NCCL (or
 COURSE_BACKEND), each bounded by 30 s; into OUT, at most 7 files: nccl_<lesson>.png for each,
 nccl_02_trace.json, gpu_summary.txt (versions, exits, the event formats seen) and
@@ -24,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -67,6 +71,19 @@ def capture_broken():
          launcher.launch(deadlock, 2, ["--timeout", "600"], timeout=20, env=GLOO))
     save("broken_odd_world_size", "torchrun --nproc-per-node 3 lessons/06_distill.py",
          launcher.launch(ROOT / "lessons" / "06_distill.py", 3, timeout=120, env=GLOO))
+
+
+def capture_troubles():
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    hello = ROOT / "lessons" / "00_hello.py"
+    with socket.socket() as taken:  # something else listens on this port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = ["--init-method", f"tcp://127.0.0.1:{taken.getsockname()[1]}"]
+        save("trouble_port_in_use", f"torchrun --nproc-per-node 2 lessons/00_hello.py {' '.join(args)}",
+             launcher.launch(hello, 2, args, timeout=60, env=GLOO))
+    save("trouble_nccl_without_gpus", "torchrun --nproc-per-node 2 lessons/00_hello.py --backend nccl",
+         launcher.launch(hello, 2, ["--backend", "nccl"], timeout=60))
 
 
 def span_of(op, pad=1.0):
@@ -199,13 +216,15 @@ def capture_gpu(out):
 
 
 def main():
-    parts = sys.argv[1:] or ["broken", "traces", "overhead"]  # gpu: only when asked
+    parts = sys.argv[1:] or ["broken", "traces", "overhead", "troubles"]  # gpu: only when asked
     if "broken" in parts:
         capture_broken()
     if "traces" in parts:
         capture_traces([p for p in parts if p in TRACES] or None)
     if "overhead" in parts:
         capture_overhead()
+    if "troubles" in parts:
+        capture_troubles()
     if parts[0] == "gpu":
         capture_gpu(parts[1] if len(parts) > 1 else "out/gpu")
 
