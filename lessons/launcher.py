@@ -29,6 +29,10 @@ class Launched(NamedTuple):
     stuck: list  # where each rank was, if the run (or torchrun, after a failure) stopped them
     leftovers: int  # processes of this run still alive afterwards (killed, but counted)
 
+    @property
+    def timed_out(self):  # the launcher had to stop the run: it did not end by itself
+        return self.returncode == -1
+
 
 class LessonFailed(RuntimeError):
     pass
@@ -126,7 +130,8 @@ def _where_stuck(folder):
     """One line per process of each rank (a rank's own children too) from its faulthandler dump:
     the call it was in, and the line of the program that made it."""
     lines = []
-    dumps = sorted(Path(folder).glob("rank*.txt"), key=lambda p: [int(n) for n in p.stem[4:].split(".")])
+    dumps = sorted(Path(folder).glob("rank*.txt"),
+                   key=lambda p: [int(n) for n in p.stem[4:].split(".")])
     for path in dumps:
         rank, pid = path.stem[4:].split(".")
         threads = path.read_text().split("\n\n")
@@ -136,7 +141,8 @@ def _where_stuck(folder):
         if frames and ours:
             file, line, _ = ours[0]
             code = linecache.getline(file, int(line)).strip()
-            where = f"{os.path.relpath(file) if file.startswith(str(ROOT)) else file}:{line}: {code}"
+            shown = os.path.relpath(file) if file.startswith(str(ROOT)) else file
+            where = f"{shown}:{line}: {code}"
             inside = f"in {frames[0][2]}() called " if frames[0] != ours[0] else ""
             who = f"[rank {rank}]" if sum(p.stem.startswith(f"rank{rank}.") for p in dumps) == 1 \
                 else f"[rank {rank}] (pid {pid})"
@@ -161,5 +167,6 @@ def run_lesson(lesson, nproc=4, args=(), timeout=300.0, env=None):
     result = launch(path, nproc, args, timeout, env)
     print("\n".join(result.lines + result.stuck))
     if result.returncode != 0:
-        why = "ran too long and was stopped" if result.returncode == -1 else f"exited with {result.returncode}"
+        why = ("ran too long and was stopped" if result.timed_out
+               else f"exited with {result.returncode}")
         raise LessonFailed(f"{path.name} on {nproc} ranks {why} (its output is above)")

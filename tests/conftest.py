@@ -4,6 +4,7 @@ import socket
 import sys
 
 import pytest
+import torch
 
 from lessons.launcher import ROOT, launch, run_command
 
@@ -43,3 +44,36 @@ def free_port():
 @pytest.fixture
 def lesson(request):
     return ROOT / "lessons" / f"{request.param}.py"
+
+
+def reference_student(n_students, steps=4, teacher_steps=3, batch=8, vocab=256, seq=32,
+                      lr=1e-2):
+    """distill_demo's and rpc_demo's single-process reference: the same teacher (trained the
+    same way), one student on every student's batches at once, learning from the teacher's full
+    probabilities. Returns the student."""
+    from distill_demo.data import MarkovData
+    from distill_demo.knowledge import kl_full
+    from distill_demo.models import make_student, make_teacher
+    from distill_demo.train import PRETRAIN_LR, PRETRAIN_SHARD
+
+    data = MarkovData(vocab, seq)
+    teacher = make_teacher("tiny", vocab, seq)
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=PRETRAIN_LR)
+    for step in range(teacher_steps):
+        ids = data.batch(step, PRETRAIN_SHARD, batch)
+        loss = torch.nn.functional.cross_entropy(teacher(ids[:, :-1]).flatten(0, 1),
+                                                 ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    student = make_student("tiny", vocab, seq)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
+    for step in range(steps):
+        batches = [data.batch(step, shard, batch) for shard in range(n_students)]
+        with torch.no_grad():
+            targets = [teacher(ids).softmax(-1) for ids in batches]
+        loss = sum(kl_full(student(ids), p) for ids, p in zip(batches, targets)) / n_students
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return student

@@ -1,5 +1,6 @@
 """The docs site: builds with --strict (a missing snippet, page or link fails it), every lesson and
 notebook has a page, no Python is pasted by hand, and every page renders in a real browser."""
+import contextlib
 import functools
 import http.server
 import os
@@ -89,6 +90,23 @@ return {text: article ? article.innerText.trim().length : 0, broken: broken, emp
 """
 
 
+def inspect(driver):
+    """INSPECT's numbers once the article has text: headless chromium sometimes answers before
+    it has laid the page out. A page whose article stays empty for 10 s is reported empty."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    seen = {}
+
+    def laid_out(d):
+        seen.update(d.execute_script(INSPECT))
+        return seen["text"] > 0
+
+    with contextlib.suppress(TimeoutException):
+        WebDriverWait(driver, 10, poll_frequency=0.2).until(laid_out)
+    return seen
+
+
 def test_every_page_renders_in_a_browser(site):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -101,7 +119,7 @@ def test_every_page_renders_in_a_browser(site):
     try:
         for page in pages:
             driver.get(f"http://127.0.0.1:{server.server_port}/{page}")
-            seen = driver.execute_script(INSPECT)
+            seen = inspect(driver)
             if seen["text"] < 200:
                 problems.append(f"{page}: main content missing ({seen['text']} characters)")
             if seen["broken"]:
