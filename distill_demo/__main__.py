@@ -159,7 +159,7 @@ def main():
     args = parse_args()
     layout = validate(args, int(os.environ.get("WORLD_SIZE", args.nproc)))
     with setup(args) as ctx:
-        run = Run(args, ctx.rank, ctx.device, layout, make_groups(layout),
+        run = Run(args, ctx.rank, ctx.device, layout, make_groups(layout, ctx.timeout),
                   Channel(ctx.device, layout.name), MarkovData(args.vocab, args.seq),
                   Timeline(ctx.device))
         for line in layout.describe():

@@ -96,11 +96,12 @@ class Groups(NamedTuple):
     units: list  # one per unit: its teachers and students, for their point-to-point messages
 
 
-def make_groups(layout: Layout) -> Groups:
-    """Every rank creates every group, in the same order, including those it is not in."""
-    students = dist.new_group(layout.students)
-    teachers = dist.new_group(layout.teachers)
-    units = [dist.new_group(sorted(u.teachers + u.students)) for u in layout.units]
+def make_groups(layout: Layout, timeout) -> Groups:
+    """Every rank creates every group, in the same order, including those it is not in. Each
+    gets `timeout` (the world's): a group made without one waits torch's default (10 min NCCL)."""
+    students = dist.new_group(layout.students, timeout=timeout)
+    teachers = dist.new_group(layout.teachers, timeout=timeout)
+    units = [dist.new_group(sorted(u.teachers + u.students), timeout=timeout) for u in layout.units]
     return Groups(students, teachers, units)
 
 

@@ -58,8 +58,9 @@ def init_distributed(backend_flag, init_method, timeout_s):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend_flag == "nccl" and gpus < local_world_size:
         usage_error(f"--backend nccl needs one GPU per local rank: {local_world_size} local "
-                    f"ranks but {gpus} GPUs. " + (f"Start at most {gpus} ranks, or use --backend "
-                                                  "gloo." if gpus else "Use --backend gloo, or auto."))
+                    f"ranks but {gpus} GPUs. " + (f"Start at most {gpus} ranks, or use "
+                                                  "--backend gloo." if gpus
+                                                  else "Use --backend gloo, or auto."))
     use_nccl = backend_flag == "nccl" or (backend_flag == "auto" and 0 < local_world_size <= gpus)
     if use_nccl:
         device = torch.device("cuda", local_rank)  # LOCAL_RANK, not RANK: node 2 has GPU 0 too
@@ -164,7 +165,8 @@ def check_mean_over_ranks(ctx, mean_over_ranks):
     x = inputs[ctx.rank].clone()
     yours = mean_over_ranks(x)
     expected = torch.stack(inputs).mean(dim=0)
-    return {"result": yours, "x afterwards": x}, {"result": expected, "x afterwards": inputs[ctx.rank]}
+    return ({"result": yours, "x afterwards": x},
+            {"result": expected, "x afterwards": inputs[ctx.rank]})
 
 
 # Exercise id -> (its check, the function(s) you write). Check: python -m lessons.check 00

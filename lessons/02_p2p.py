@@ -99,7 +99,7 @@ def send_send_deadlock(ctx, partner):
     """--broken deadlock: both ranks of each pair send first. Neither send can finish."""
     # On a gloo group of all ranks (every rank a member, whatever the world's backend), as
     # send() is: isend().wait(), with a timeout on the wait so that the deadlock ends by itself.
-    group = dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo", timeout=ctx.timeout)
     outcome = "no partner: sat out"
     if partner is not None:
         try:

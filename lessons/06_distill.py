@@ -85,10 +85,13 @@ def roles(world_size):
     return list(range(half)), list(range(half, world_size))
 
 
-def make_groups(student_ranks, teacher_ranks):
-    """Every rank creates every group, in the same order, even the ones it is not in."""
-    student_group = dist.new_group(student_ranks)  # the students' all_reduce: no teachers
-    pair_groups = [dist.new_group([s, t]) for s, t in zip(student_ranks, teacher_ranks)]
+def make_groups(student_ranks, teacher_ranks, timeout):
+    """Every rank creates every group, in the same order, even the ones it is not in. A group
+    does not inherit the world's timeout: without `timeout`, a dead peer waits out torch's
+    default."""
+    student_group = dist.new_group(student_ranks, timeout=timeout)  # students' all_reduce only
+    pair_groups = [dist.new_group([s, t], timeout=timeout)
+                   for s, t in zip(student_ranks, teacher_ranks)]
     return student_group, pair_groups
 # --8<-- [end:roles]
 
@@ -243,7 +246,8 @@ def check_bucketed_dp_step(ctx, bucketed_dp_step):
     """Every rank: two steps data-parallel within its half (students with students, teachers
     with teachers), against one process that averages the half's gradients itself."""
     students, teachers = roles(ctx.world_size)
-    groups = [dist.new_group(students), dist.new_group(teachers)]  # every rank makes both
+    # Both groups, on every rank.
+    groups = [dist.new_group(r, timeout=ctx.timeout) for r in (students, teachers)]
     mine, group = (students, groups[0]) if ctx.rank in students else (teachers, groups[1])
     teacher = make_model(TEACHER_WIDTH, TEACHER_SEED).to(ctx.device)
 
@@ -299,7 +303,7 @@ def main():
         usage_error(f"--steps {args.steps}: train for at least 1 step")
     with setup(args, NEEDS) as ctx:
         student_ranks, teacher_ranks = roles(ctx.world_size)
-        student_group, pair_groups = make_groups(student_ranks, teacher_ranks)
+        student_group, pair_groups = make_groups(student_ranks, teacher_ranks, ctx.timeout)
         print0(f"students: ranks {', '.join(map(str, student_ranks))}; teachers: ranks "
                f"{', '.join(map(str, teacher_ranks))} (pairs "
                f"{', '.join(f'{s}-{t}' for s, t in zip(student_ranks, teacher_ranks))})")

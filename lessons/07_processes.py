@@ -289,7 +289,8 @@ def main():
         if args.children == "fork" and (why := why_not_fork()):  # each rank, before any child
             usage_error(f"--children fork: {why}")
         # Threads-for-waiting sends CPU tensors: under NCCL that needs a gloo group of its own.
-        cpu_group = dist.new_group(backend="gloo") if ctx.backend == "nccl" else None
+        cpu_group = (dist.new_group(backend="gloo", timeout=ctx.timeout)
+                     if ctx.backend == "nccl" else None)
 
         if ctx.rank == 0:  # fork anyway, to see what a forked child inherits
             print0(f"before forking, why_not_fork() says: {why_not_fork()}")

@@ -343,7 +343,12 @@ def main():
         half = ctx.world_size // 2
         students, teachers = list(range(half)), list(range(half, ctx.world_size))
         # Each role's own process group, made (by every rank, in one order) before RPC starts.
-        student_group, teacher_group = dist.new_group(students), dist.new_group(teachers)
+        student_group, teacher_group = (dist.new_group(r, timeout=ctx.timeout)
+                                        for r in (students, teachers))
+        # Waiting while serving RPC takes a gloo group: on a GPU, an NCCL barrier makes the
+        # device's default stream wait for the others, and the teacher's RPC threads run its
+        # forward on that stream: the answer would wait for students that wait for the answer.
+        everyone = dist.new_group(backend="gloo", timeout=ctx.timeout)
         names = [f"student{r}" for r in students] + [f"teacher{r - half}" for r in teachers]
         me, partner = names[ctx.rank], (ctx.rank + half) % ctx.world_size
         peers = [None] * ctx.world_size  # a directory, through the process group: pid, device
@@ -363,7 +368,7 @@ def main():
                 student_work(ctx, args, me, names[partner], peers[partner], student_group, students)
             else:  # a teacher's work is done by its RPC threads, answering the students
                 dist.barrier(group=teacher_group)  # (its own group works next to RPC too)
-            dist.barrier()  # every student is done asking: shut RPC down together
+            dist.barrier(group=everyone)  # every student is done asking: shut RPC down together
             done = True
         except RuntimeError as err:  # how RPC failures, and a rank that left, reach this rank
             if any(marker in str(err) for marker in RPC_FAILED):
@@ -375,7 +380,7 @@ def main():
             else:
                 raise
             print_rank(f"error: {me}: {why}: {str(err).strip().splitlines()[0]}")
-            raise SystemExit(1) from None
+            os._exit(1)  # now: RPC's and NCCL's teardown would wait on the teacher that failed us
         finally:
             rpc.shutdown(graceful=done, timeout=SHUTDOWN_TIMEOUT_S)
         print0("Next: exercise 08.1 (train_prefetching above). Check: python -m lessons.check 08")

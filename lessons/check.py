@@ -93,7 +93,8 @@ def _worker(exercises, source):
                 failed = True
                 continue
             wrong = _differences(yours, expected)
-            common.print_rank(f"MISMATCH {exercise}\n" + "\n".join(wrong) if wrong else f"PASS {exercise}")
+            common.print_rank(f"MISMATCH {exercise}\n" + "\n".join(wrong) if wrong
+                              else f"PASS {exercise}")
             failed = failed or bool(wrong)
         # Every rank has said its verdict before any exits: torchrun stops the others as soon as
         # one rank exits non-zero, which would cut a slower rank's verdict short.
@@ -110,7 +111,8 @@ def run_check(exercises, source=None, nproc=4, timeout=TIMEOUT_S):
     args = ["--worker", ",".join(exercises)]
     if source:
         args += ["--source", str(Path(source).resolve())]
-    result = launcher.launch("lessons.check", nproc, args, timeout, {"COURSE_TIMEOUT": COLLECTIVE_TIMEOUT_S})
+    result = launcher.launch("lessons.check", nproc, args, timeout,
+                             {"COURSE_TIMEOUT": COLLECTIVE_TIMEOUT_S})
     lines = result.lines + result.stuck
     said = {}  # (exercise, rank) -> verdict
     for line in lines:
@@ -135,7 +137,8 @@ def report(status, lines, nproc):
     """Say how each exercise went, the way a learner needs to read it."""
     for exercise, state in status.items():
         if state == "pass":
-            print(f"Exercise {exercise}: PASS on all {nproc} ranks (matches the single-process answer)")
+            print(f"Exercise {exercise}: PASS on all {nproc} ranks "
+                  "(matches the single-process answer)")
         elif state == "not attempted":
             solution = solution_file(exercise).relative_to(launcher.ROOT)
             print(f"Exercise {exercise}: not attempted yet — the solution is in {solution}")
@@ -178,7 +181,8 @@ def check(exercise, *functions, nproc=4, timeout=TIMEOUT_S):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exercise", nargs="?", help="a lesson (02) or one exercise (02.1)")
     p.add_argument("--solution", action="store_true", help="check solutions/NN_topic.py instead")
     p.add_argument("--file", help="check the functions in this file instead")

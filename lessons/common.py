@@ -30,7 +30,8 @@ AT_LEAST_2 = ("at least 2 ranks", lambda n: n >= 2)
 # Started by lessons.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
 # stack in a file, so the launcher can say where each rank was stuck.
 if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ and hasattr(faulthandler, "register"):
-    _stack_fd = os.open(Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.{os.getpid()}.txt",
+    _stack_path = f"rank{os.environ['RANK']}.{os.getpid()}.txt"
+    _stack_fd = os.open(Path(os.environ["COURSE_STACK_DIR"]) / _stack_path,
                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # open for the process's lifetime
     faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
 
@@ -81,14 +82,17 @@ def _all_ranks_reach(key, timeout_s=20.0):
 def parser(doc: str) -> argparse.ArgumentParser:
     """The lesson's own flags go on this; these are the ones every lesson shares."""
     env = os.environ.get
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=4, help="ranks to start under plain python (4)")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default=env("COURSE_BACKEND", "auto"),
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"],
+                   default=env("COURSE_BACKEND", "auto"),
                    help="auto: NCCL if every local rank has its own GPU, else gloo on CPU")
     p.add_argument("--timeout", type=float, default=float(env("COURSE_TIMEOUT", "60")),
                    help="seconds a collective may wait before it fails (60)")
     p.add_argument("--debug", action="store_true", default=env("COURSE_DEBUG") == "1",
-                   help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)")
+                   help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout "
+                        "(collectives ~2-3x slower)")
     p.add_argument("--out", default="out", help="folder for the figures a lesson saves (out/)")
     p.add_argument("--trace", metavar="DIR", default=env("COURSE_TRACE"),
                    help="record every rank with torch.profiler; rank 0 writes DIR/trace.json "
@@ -102,11 +106,13 @@ class Rank(NamedTuple):
     world_size: int
     backend: str
     device: torch.device
+    timeout: datetime.timedelta  # pass it to new_group: groups don't inherit the world's
 
 
 @contextlib.contextmanager
 def setup(args, needs=None):
-    """Join the process group for the length of a `with` block; `needs` = (text, test) of world sizes."""
+    """Join the process group for the length of a `with` block.
+    `needs` = (text, test): the world sizes the program accepts."""
     if "RANK" not in os.environ:  # plain `python lesson.py`: run again under torchrun
         relaunch(args.nproc, needs)
     rank, local_rank, world_size, local_world_size = (
@@ -117,13 +123,14 @@ def setup(args, needs=None):
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     timeout = datetime.timedelta(seconds=10 if args.debug else args.timeout)
-    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+    dist.init_process_group(backend, timeout=timeout,
+                            device_id=device if backend == "nccl" else None)
     try:
         if backend == "nccl":  # create the communicator now, not inside the first timed collective
             dist.barrier(device_ids=[local_rank])
         from lessons import trace  # --trace DIR: profile the block, merge the ranks on rank 0
         with trace.recording(args.trace):
-            yield Rank(rank, local_rank, world_size, backend, device)
+            yield Rank(rank, local_rank, world_size, backend, device, timeout)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -155,7 +162,8 @@ def _require(world_size, needs, started_with):
     if needs and not needs[1](world_size):
         good = next(n for n in (4, 2, 8, 6, 3, 1) if needs[1](n))
         usage_error(f"{' '.join(_main_target())} needs {needs[0]}, but was started with "
-                    f"{started_with}. Try: torchrun --nproc-per-node {good} {' '.join(_main_target())}")
+                    f"{started_with}. Try: torchrun --nproc-per-node {good} "
+                    f"{' '.join(_main_target())}")
 
 
 def relaunch(nproc, needs=None):
