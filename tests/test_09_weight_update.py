@@ -1,0 +1,436 @@
+"""Lesson 09 beyond what test_lessons.py and test_exercises.py cover: SGLang's A/B test of the
+weight-update API on engines of TP=1 and TP=2 (naive and fast path), every bad input and fault
+of the issue, the exercise check on TP=1 and TP=2, bytes on the wire, and the benchmark.
+
+The engine runs as a torchrun job of its own (python -m weight_sync), the trainer as a
+separate process running one of this file's scenarios (python tests/test_09_weight_update.py
+SCENARIO PORT_FILE): two jobs, two worlds, as in RLHF, so a trainer can die and the engine live
+on. Every run is bounded (conftest); a scenario prints `RESULT name: text` lines and exits
+non-zero, with the reason, when one of its own checks fails."""
+import contextlib
+import os
+import runpy
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_python, run_ranks, text
+from lessons.check import run_check, solution_file
+
+THIS = Path(__file__).resolve()
+ENGINE_TIMEOUT_S = 8  # the engine's waits; the trainer's are longer: the engine answers first
+TRAINER_TIMEOUT_S = 20
+WRONG = ROOT / "tests" / "wrong" / "09_weight_update.py"
+UNCHANGED = "weights byte-identical, version 0, next token as before"
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest side: an engine job in a thread, scenarios as processes
+@contextlib.contextmanager
+def engine(tp, folder):
+    """An engine of `tp` ranks as its own torchrun job; yields (port file, its result box)."""
+    port_file, box = folder / f"engine-tp{tp}.addr", {}
+
+    def serve():
+        try:
+            box["result"] = run_ranks("weight_sync", tp, [
+                "--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120],
+                timeout=240)
+        except BaseException as err:  # e.g. processes left behind: report it in the test
+            box["error"] = err
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port_file, box
+    finally:
+        if thread.is_alive() and port_file.exists():  # a scenario failed before shutting it down
+            run_python(THIS, ["shutdown", port_file], timeout=60)
+        thread.join(260)
+        assert not thread.is_alive(), "the engine job did not end"
+        if "error" in box:
+            raise box["error"]
+
+
+def scenario(name, port_file, *args, timeout=150):
+    result = run_python(THIS, [name, port_file, *args], timeout=timeout)
+    out = text(result)
+    results = {line.split(": ", 1)[0][len("RESULT "):]: line.split(": ", 1)[1]
+               for line in out.splitlines() if line.startswith("RESULT ") and ": " in line}
+    return result, out, results
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_b_update_naive_and_fast(tp, tmp_path):
+    """SGLang's test: the engine starts with A, the trainer holds B; after the update, sampled
+    weights read back equal B and differ from A; then back to A and on to B by the fast path."""
+    with engine(tp, tmp_path) as (port_file, box):
+        result, out, results = scenario("ab", port_file)
+        assert result.returncode == 0, out
+    assert box["result"].returncode == 0, text(box["result"])
+    for step in ("before", "naive", "fast shard", "fast broadcast"):
+        assert results[step].startswith("ok"), out
+    assert results["versions"] == "[1, 2]", out
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """One TP=2 engine, every bad input of the issue thrown at it in turn by one trainer."""
+    with engine(2, tmp_path_factory.mktemp("bad")) as (port_file, box):
+        result, out, results = scenario("bad-inputs", port_file)
+    return result, out, results, box["result"]
+
+
+@pytest.mark.parametrize("case, says", [
+    ("shape", "shape mismatch for model.embed_tokens.weight"),
+    ("dtype", "dtype mismatch for model.embed_tokens.weight"),
+    ("name", "no tensor 'model.layers.0.self_attn.qkv_proj.weight'"),
+    ("naive name", "no tensor 'lm_head.weights'"),
+    ("corrupted", "checksum mismatch"),
+])
+def test_bad_update_is_refused_before_the_live_weights_change(bad_inputs, case, says):
+    """Refused with a message naming the tensor; the live weights are byte-identical after
+    (sha256 of every rank's tensors), the version is unchanged, the engine still answers."""
+    result, out, results, engine_result = bad_inputs
+    assert result.returncode == 0, out
+    assert says in results[case], out
+    assert results[f"{case} after"] == UNCHANGED, out
+    assert engine_result.returncode == 0, text(engine_result)
+
+
+@pytest.mark.parametrize("case, says", [
+    ("twice, trainer", "already has a weight-update group named 'wu'"),
+    ("twice, engine", "already exists on this engine"),
+    ("wrong name", "created no weight-update group named 'wu-typo' (it created: wu, wu-2)"),
+    ("unknown group", "no weight-update group named 'nope' on this engine"),
+])
+def test_group_mistakes_are_clear_errors_not_hangs(bad_inputs, case, says):
+    result, out, results, _ = bad_inputs
+    assert result.returncode == 0, out
+    assert says in results[case], out
+
+
+def test_trainer_killed_mid_transfer_engine_keeps_the_old_weights(tmp_path):
+    """The trainer dies (SIGKILL) after two buckets: the engine's receive fails, it keeps
+    version 0 with its weights byte-identical, and a new trainer finds it serving."""
+    with engine(2, tmp_path) as (port_file, box):
+        killed, out, _ = scenario("die-mid-transfer", port_file)
+        assert killed.returncode == -signal.SIGKILL, out
+        result, out, results = scenario("inspect", port_file)
+        assert result.returncode == 0, out
+    engine_out = text(box["result"])
+    assert box["result"].returncode == 0, engine_out
+    assert "update rejected, kept version 0: the transfer failed" in engine_out, engine_out
+    assert results["after the death"] == "version 0, weights byte-identical to model A, " \
+                                         "sampled rows equal A, next token as A's", out
+
+
+def test_dead_engine_rank_fails_the_push_naming_it(tmp_path):
+    """Engine rank 1 exits after one bucket: the trainer's push fails, bounded (this process
+    has a timeout), with a message that names engine rank 1 as dead."""
+    with engine(2, tmp_path) as (port_file, box):
+        result, out, results = scenario("engine-rank-dies", port_file)
+        assert result.returncode == 0, out
+    assert "engine rank 1 (weight-update rank 2) is dead" in results["push"], out
+    assert "fault injected: dying after 1 bucket(s)" in text(box["result"])
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_exercise_check_on_tp_1_and_2(nproc):
+    """test_exercises.py runs the check on 4 ranks (TP=3); here TP=1 and TP=2."""
+    status, lines = run_check(["09.1"], solution_file("09"), nproc)
+    assert status == {"09.1": "pass"}, "\n".join(lines)
+    status, lines = run_check(["09.1"], WRONG, nproc)
+    assert status == {"09.1": "mismatch"}, "\n".join(lines)
+
+
+def test_every_collective_agrees_in_dtype_and_count(tmp_path, monkeypatch):
+    """NCCL needs each rank's tensors of one collective to agree in dtype and element count;
+    gloo only needs the bytes to. The lesson (TP=3: naive path, TP forward, read-back, timing)
+    and the check (fast path, both ways of resharding) log every op of every group; per group,
+    every rank's sequence of collectives must be the same, and each send must meet its recv."""
+    monkeypatch.setenv("COURSE09_OPS_LOG", str(tmp_path / "lesson"))
+    assert run_ranks(ROOT / "lessons" / "09_weight_update.py", 4).returncode == 0
+    monkeypatch.setenv("COURSE09_OPS_LOG", str(tmp_path / "check"))
+    status, lines = run_check(["09.1"], solution_file("09"), 4)
+    assert status == {"09.1": "pass"}, "\n".join(lines)
+    for run, groups in (("lesson", {"naive", "engine"}), ("check", {"fast", "engine"})):
+        collectives, p2p = {}, {"send": {}, "recv": {}}
+        for log in tmp_path.glob(f"{run}.*"):
+            for line in log.read_text().splitlines():
+                group, rank, op, peer, dtype, numel = line.split()
+                if op in p2p:  # keyed by (sender, receiver)
+                    pair = (rank, peer) if op == "send" else (peer, rank)
+                    p2p[op].setdefault((group, *pair), []).append((dtype, numel))
+                else:
+                    collectives.setdefault(group, {}).setdefault(rank, []).append(
+                        (op, peer, dtype, numel))
+        assert set(collectives) == groups, (run, collectives.keys())
+        for group, ranks in collectives.items():
+            first, *others = ranks.values()
+            assert others and all(seq == first for seq in others), f"{run}, {group}: disagree"
+        assert p2p["send"] == p2p["recv"] and (run == "lesson") == (not p2p["send"]), run
+
+
+def test_bytes_on_the_wire_and_the_packed_bytes():
+    """A dry run of the solution's push (nothing moves): each rank's packed bytes are its
+    shards laid out single-process, and the bytes on the wire are what the plan says."""
+    import torch
+
+    from weight_sync.groups import RecordingGroup
+    from weight_sync.model import PRESETS, llama_specs, make_weights
+    from weight_sync.plan import Plan, digest, lay_out_shards, reference_checksums
+
+    solution = runpy.run_path(str(solution_file("09")))
+    shape, tp = PRESETS["tiny"], 3
+    weights = make_weights(shape, 2, "cpu")
+    received = {}
+    for resharding in ("shard", "broadcast"):
+        plan = Plan(llama_specs(shape), torch.bfloat16, tp, 16384, resharding)
+        group = RecordingGroup("cpu", tp)
+        table = solution["push_update"](group, plan, weights)
+        assert torch.equal(table, reference_checksums(plan, weights))
+        received[resharding] = group.received() - tp * table.numel() * 8  # without the table
+        assert received[resharding] == plan.bytes_received()
+        for r, layout in enumerate(plan.layouts):  # each rank's buckets, packed, vs reference
+            mine = torch.zeros(layout.size, dtype=torch.uint8)
+            for b in plan.rank_buckets[r]:
+                solution["pack_bucket"](b, weights, mine[b.start:b.end])
+            reference = torch.zeros(layout.size, dtype=torch.uint8)
+            lay_out_shards(layout, weights, reference)
+            assert digest(layout, mine) == digest(layout, reference)
+    assert received["broadcast"] == tp * plan.wire.size > received["shard"]
+
+
+def test_benchmark_prints_the_table_and_saves_the_chart(tmp_path):
+    result = run_ranks(ROOT / "benchmarks" / "weight_update.py", 2, [
+        "--models", "tiny", "--sweep-mib", "2", "--repeats", "2", "--out", tmp_path], timeout=240)
+    out = text(result)
+    assert result.returncode == 0, out
+    for line in ("broadcast sweep on the weight-update group", "| tiny | naive |",
+                 "| tiny | fast |", "| tiny | fast, fp32 trainer |", "where the warm time goes",
+                 "checked: fast: sampled weights read back equal the trainer's B"):
+        assert line in out, out
+    for suffix in ("md", "json", "png"):
+        assert (tmp_path / f"09_weight_update_gloo.{suffix}").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Scenario side: the trainer, a process of its own
+def report(name, value):
+    sys.stdout.write(f"RESULT {name}: {value}\n")
+    sys.stdout.flush()
+
+
+def connect(port_file):
+    from weight_sync.control import EngineClient
+
+    deadline = time.monotonic() + 120
+    while not Path(port_file).exists():  # the engine job is still starting
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no engine wrote {port_file} within 120 s")
+        time.sleep(0.1)
+    return EngineClient(Path(port_file).read_text(), TRAINER_TIMEOUT_S)
+
+
+class Trainer:
+    """What every scenario needs: the client, the models, the reference digests."""
+
+    def __init__(self, port_file):
+        import torch
+
+        from weight_sync.model import PRESETS, make_weights
+
+        self.torch = torch
+        self.client = connect(port_file)
+        self.tp = self.client.tp_size
+        self.shape = PRESETS["tiny"]
+        self.models = {seed: make_weights(self.shape, seed, "cpu") for seed in (1, 2)}
+        lesson = runpy.run_path(str(ROOT / "lessons" / "09_weight_update.py"))
+        solution = runpy.run_path(str(solution_file("09")))
+        self.push_naive, self.push_update = lesson["push_naive"], solution["push_update"]
+
+    def digests(self, seed):
+        """Every engine rank's sha256 equals that of model `seed`'s shards, made here?"""
+        from weight_sync.plan import reference_digest
+
+        got = [d["sha256"] for d in self.client.call("weights_digest")]
+        return got == [reference_digest(self.shape, seed, self.torch.bfloat16, r, self.tp)
+                       for r in range(self.tp)]
+
+    def rows_equal(self, seed):
+        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight",
+                     "model.norm.weight", "lm_head.weight"):
+            got = self.torch.tensor(self.client.call("get_weights_by_name", name=name,
+                                                     truncate_size=4)[0])
+            if not self.torch.equal(got, self.models[seed][name][:4].bfloat16().float()):
+                return False
+        return True
+
+    def token_of(self, seed):
+        from weight_sync.model import forward
+
+        tokens = {a["token"] for a in self.client.call("generate", tokens=[5, 17, 42, 101])}
+        held = {k: v.bfloat16() for k, v in self.models[seed].items()}
+        return tokens == {int(forward(held, self.shape, [5, 17, 42, 101]).argmax())}
+
+    def group(self, name, warmup=True):
+        from weight_sync.trainer import create_update_group
+
+        return create_update_group(self.client, name, "gloo", "cpu", warmup=warmup,
+                                   timeout_s=TRAINER_TIMEOUT_S)
+
+    def updater(self, group, seed, resharding="shard", bucket_bytes=16384):
+        from weight_sync.trainer import FastUpdater
+
+        updater = FastUpdater(self.client, group, self.models[seed], self.push_update,
+                              bucket_bytes=bucket_bytes, resharding=resharding)
+        updater.prepare()
+        return updater
+
+    def same_as_before(self):
+        """The check after every refused update: nothing changed, the engine still serves."""
+        version = {v["version"] for v in self.client.call("get_version")}
+        if self.digests(1) and version == {0} and self.token_of(1):
+            return UNCHANGED
+        return f"CHANGED: version {version}, digests equal A's: {self.digests(1)}"
+
+
+def expect_error(name, call):
+    """Run call(); it must raise: report the message, or say it did not."""
+    from weight_sync.control import EngineError
+
+    start = time.monotonic()
+    try:
+        call()
+    except (EngineError, ValueError) as err:
+        report(name, f"{str(err)} ({time.monotonic() - start:.1f} s)")
+    else:
+        report(name, "NO ERROR")
+
+
+def run_ab(t):
+    ok = lambda seed: "ok" if t.rows_equal(seed) and not t.rows_equal(3 - seed) and \
+        t.digests(seed) and t.token_of(seed) else "FAILED"
+    report("before", ok(1))
+    t.push_naive(t.client, t.group("naive", warmup=False), t.models[2])
+    report("naive", ok(2))
+    fast, versions = t.group("fast"), []
+    versions.append(t.updater(fast, 1, "shard").update()[0]["version"])
+    report("fast shard", ok(1))
+    versions.append(t.updater(fast, 2, "broadcast").update()[0]["version"])
+    report("fast broadcast", ok(2))
+    report("versions", versions)
+
+
+def run_bad_inputs(t):
+    from weight_sync.groups import listening_store, seconds
+    from weight_sync.trainer import FastUpdater
+
+    torch = t.torch
+    group = t.group("wu")
+    names = list(t.models[2])
+
+    wrong_shape = dict(t.models[2], **{"model.embed_tokens.weight": torch.zeros(385, 96)})
+    expect_error("shape", lambda: FastUpdater(t.client, group, wrong_shape, t.push_update,
+                                              bucket_bytes=16384).prepare())
+    report("shape after", t.same_as_before())
+    expect_error("dtype", lambda: t.client.call(  # float32 declared: not converted on send
+        "prepare_weights_update", group_name="wu", names=names, dtypes=["torch.float32"] * 21,
+        shapes=[list(w.shape) for w in t.models[2].values()], bucket_bytes=16384))
+    report("dtype after", t.same_as_before())
+    renamed = {k.replace("q_proj", "qkv_proj") if k.startswith("model.layers.0.") else k: v
+               for k, v in t.models[2].items()}
+    expect_error("name", lambda: FastUpdater(t.client, group, renamed, t.push_update,
+                                             bucket_bytes=16384).prepare())
+    report("name after", t.same_as_before())
+    naive = t.group("naive", warmup=False)  # one bad name in a naive run of two tensors
+    typo = {"model.norm.weight": t.models[2]["model.norm.weight"],
+            "lm_head.weights": t.models[2]["lm_head.weight"]}
+    expect_error("naive name", lambda: t.push_naive(t.client, naive, typo))
+    t.push_naive(t.client, naive, {"model.norm.weight": t.models[1]["model.norm.weight"]})
+    report("naive name after", t.same_as_before())  # (the first tensor went in: put A back)
+
+    updater = t.updater(group, 2)
+    send = group.send
+
+    def corrupt(data, dst, calls=[]):  # one flipped byte on the wire, after the checksum
+        calls.append(dst)
+        if len(calls) == 2:
+            data = data.clone()
+            data[7] ^= 1
+        return send(data, dst)
+
+    group.send = corrupt
+    expect_error("corrupted", updater.update)
+    group.send = send
+    report("corrupted after", t.same_as_before())
+
+    t.group("wu-2")
+    expect_error("twice, trainer", lambda: t.group("wu"))
+    expect_error("twice, engine", lambda: t.client.call(
+        "init_weight_update_group", master_address="127.0.0.1", master_port=1, rank_offset=1,
+        world_size=1 + t.tp, group_name="wu", backend="gloo"))
+    store, port = listening_store("127.0.0.1", 0, seconds(TRAINER_TIMEOUT_S))
+    store.set("announce/wu", "1")
+    store.set("announced", "wu, wu-2")
+    expect_error("wrong name", lambda: t.client.call(
+        "init_weight_update_group", master_address="127.0.0.1", master_port=port, rank_offset=1,
+        world_size=1 + t.tp, group_name="wu-typo", backend="gloo"))
+    expect_error("unknown group", lambda: t.client.call("update_weights", group_name="nope"))
+    report("in the end", t.same_as_before())
+
+
+def run_die_mid_transfer(t):
+    group = t.group("wu")
+    updater = t.updater(group, 2, bucket_bytes=4096)  # many buckets: die after two
+    send, sent = group.send, []
+
+    def send_then_die(data, dst):
+        work = send(data, dst)
+        sent.append(work)
+        if len(sent) == 2:
+            work.wait()
+            report("dying", "after 2 buckets")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return work
+
+    group.send = send_then_die
+    updater.update()
+    report("survived", "SHOULD HAVE DIED")
+
+
+def run_inspect(t):
+    version = {v["version"] for v in t.client.call("get_version")}
+    ok = version == {0} and t.digests(1) and t.rows_equal(1) and t.token_of(1)
+    report("after the death", "version 0, weights byte-identical to model A, sampled rows equal "
+                              "A, next token as A's" if ok else f"FAILED: version {version}")
+
+
+def run_engine_rank_dies(t):
+    group = t.group("wu")
+    updater = t.updater(group, 2)
+    t.client.call("inject_fault", kind="die", tp_rank=1, after_buckets=1)
+    expect_error("push", updater.update)
+    expect_error("shutdown", lambda: t.client.shutdown(timeout_s=3))  # rank 1 cannot answer
+
+
+SCENARIOS = {"ab": run_ab, "bad-inputs": run_bad_inputs, "die-mid-transfer": run_die_mid_transfer,
+             "inspect": run_inspect, "engine-rank-dies": run_engine_rank_dies}
+
+if __name__ == "__main__":
+    what, port_file = sys.argv[1:3]
+    if what == "shutdown":  # only to end an engine a failed scenario left running
+        with contextlib.suppress(Exception):
+            connect(port_file).shutdown()
+        raise SystemExit(0)
+    trainer = Trainer(port_file)
+    try:
+        SCENARIOS[what](trainer)
+    finally:
+        with contextlib.suppress(Exception):
+            trainer.client.shutdown() if what != "die-mid-transfer" else None

@@ -1,0 +1,37 @@
+"""weight_sync: the inference engine of lesson 09, and what a trainer needs to update its weights.
+
+lessons/09_weight_update.py is the trainer's side and reads without this package: it teaches the
+naive update, timing it, and (exercise 09.1) the fast push. This package holds what the lesson
+needs and does not teach: the model, the inference engine, its control plane, process groups
+built from a store, and the plan (layout, buckets, checksums) of the fast path.
+
+Modules (each one job; communication primitives apart from the code that uses them):
+    model.py      LlamaShape, PRESETS, llama_specs, make_weights, shard_of, forward: a Llama-style
+                  model with HF parameter names, column/row-parallel TP shards, and a TP forward
+                  pass (greedy next token)
+    groups.py     make_group, Group, RecordingGroup, listening_store, store_client: process groups
+                  built straight from a store (no default group needed, neither side's own world
+                  is touched); every op returns a Work
+    plan.py       Layout, cut_buckets, Plan, checksum_pieces, reference_checksums, digest: where
+                  every tensor lives in a flat byte buffer, cut in buckets, and the checksums
+    control.py    EngineClient, Ticket, EngineError, Heartbeat: the control plane, JSON requests
+                  and replies in a TCPStore that engine rank 0 hosts on 127.0.0.1. Every engine
+                  rank answers every request itself.
+    timing.py     Clock, broadcast_timing: device work and a broadcast, timed right
+    engine.py     Engine, serve_engine: one TP rank of the engine, serving SGLang's
+                  init_weight_update_group, update_weights_from_distributed (naive, one tensor
+                  per request) and get_weights_by_name
+    fast_path.py  FastPath, a base class of Engine: the fast path's prepare_weights_update /
+                  update_weights (staging, checksums, coverage, commit)
+    trainer.py    create_update_group, FastUpdater: the trainer's side of group creation and of
+                  the fast path
+    __main__.py   an engine on its own
+
+An engine on its own, as tests run it (to kill a trainer mid-transfer and keep the engine),
+from the repository root:
+    torchrun --nproc-per-node 2 -m weight_sync --port-file /tmp/engine.addr
+
+Importing the package imports none of its modules; import a name from the module that holds it:
+    from weight_sync.engine import serve_engine
+    from weight_sync.trainer import FastUpdater, create_update_group
+"""
