@@ -1,0 +1,199 @@
+"""rpc_demo's launcher: starts every student and teacher as a child process, watches them, and
+makes sure none outlives it.
+
+Why its own launcher, not torchrun? torchrun makes ONE world and stops every rank as soon as one
+dies. rpc_demo needs two worlds (and RPC between them), and when a teacher dies its students
+must live long enough to notice and name it. The launcher picks a port for each world, forks
+the processes (fast: they inherit the imported torch), and when something fails it waits for
+the students (they fail on their own within --rpc-timeout), then stops the teachers.
+Everything runs on this machine, on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from rpc_demo.worlds import SHUTDOWN_TIMEOUT_S, STAGES
+
+GRACE_S = 5.0  # beyond the students' own bounds, before the launcher stops what is left
+STOP_S = 5.0  # after SIGTERM, how long a process has to end before SIGKILL
+
+
+def say(message):
+    sys.stdout.write(f"[launcher] {message}\n")
+    sys.stdout.flush()
+
+
+def refuse(message):
+    """A mistake in how rpc_demo was started: said before any process starts, exit code 2."""
+    say(f"error: {message}")
+    raise SystemExit(2)
+
+
+# --8<-- [start:why-not-fork]
+def why_not_fork():
+    """None if children forked now can build worlds of their own; else what stops them, and
+    the fix. (Lesson 07 shows both failures live.)"""
+    problems = []
+    if torch.cuda.is_initialized():  # e.g. a notebook that used the GPU, then called launch()
+        problems.append("CUDA is initialised in this process, and a forked child cannot use it "
+                        "('Cannot re-initialize CUDA in forked subprocess')")
+    if dist.is_initialized():
+        problems.append("this process has joined a process group, and a forked child inherits "
+                        "its bookkeeping ('trying to initialize the default process group "
+                        "twice!')")
+    if not problems:
+        return None
+    return ("; and ".join(problems) + ". Fix: start the processes with spawn (--start spawn, "
+            "or args.start = 'spawn'), or launch before anything touches CUDA or joins a group")
+# --8<-- [end:why-not-fork]
+
+
+def choose_backend(requested, processes):
+    """NCCL (a GPU per process, GPU index = rank) if there are enough GPUs, else gloo on CPU.
+    device_count() asks NVML, which leaves CUDA uninitialised here: the children can fork."""
+    gpus = torch.cuda.device_count()
+    if requested == "nccl" and gpus < processes:
+        refuse(f"--backend nccl needs a GPU per process: {processes} processes but {gpus} GPUs. "
+               "Start fewer students and teachers, or use --backend gloo")
+    if requested == "nccl" or (requested == "auto" and 0 < processes <= gpus):
+        return "nccl"
+    return "gloo"
+
+
+def pick_ports(args):
+    """A port for each world, for each round of the benchmark (a world is made afresh each
+    round, on a port of its own): the one asked for if it is free, else a free one (port 0)."""
+    asked = {"students": ("--student-port", args.student_port),
+             "teachers": ("--teacher-port", args.teacher_port),
+             "rpc": ("--rpc-port", args.rpc_port)}
+    given = [(flag, port) for flag, port in asked.values() if port]
+    for flag, port in given:
+        if [p for _, p in given].count(port) > 1:
+            same = [f for f, p in given if p == port]
+            refuse(f"{' and '.join(same)} are {'both' if len(same) == 2 else 'all'} {port}: each "
+                   "world needs a port of its own. Leave them out to get free ones")
+    if args.bench:
+        asked["p2p"] = ("", 0)
+    rounds = args.rounds if args.bench else 1
+    held, ports = [], [{} for _ in range(rounds)]
+    try:  # hold every socket until all are picked, so no two worlds get the same free port
+        for i, world in ((i, w) for i in range(rounds) for w in asked):
+            flag, port = asked[world]
+            held.append(socket.socket())
+            try:  # the stores bind every interface: test the same
+                held[-1].bind(("", port if i == 0 else 0))
+            except OSError as err:
+                refuse(f"{flag} {port}: that port is in use on this machine ({err.strerror}). "
+                       f"Pick another, or leave {flag} out to get a free one")
+            ports[i][world] = held[-1].getsockname()[1]
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+# --8<-- [start:launch]
+def launch(args) -> int:
+    """Start args.students + args.teachers processes, wait for them, return the exit code."""
+    n = args.students + args.teachers
+    backend = choose_backend(args.backend, n)
+    if args.start == "fork" and (why := why_not_fork()):
+        refuse(f"--start fork: {why}")
+    ports = pick_ports(args)
+    if args.rpc_transport == "auto":  # see worlds.TRANSPORTS: no polling threads on a CPU
+        args.rpc_transport = "uv" if backend == "gloo" else "shm"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: one thread a process
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off in children
+    # torch.cuda.is_available() initialises the CUDA driver, and a forked child then cannot use
+    # CUDA; with this set it asks NVML instead (device_count() already does).
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    context = multiprocessing.get_context(args.start)
+    roll = context.RawArray("i", n)  # each process's stage (worlds.STAGES), shared
+    from rpc_demo.worker import run_worker  # the children's code, imported before forking
+    if backend == "gloo" and args.start == "fork":
+        # The first optimizer a process builds imports torch._dynamo (800 modules: seconds on
+        # a busy laptop, inside the children's join timeouts). Imported here once, every forked
+        # child has it. Not on GPUs: nothing that might touch CUDA runs here before the fork.
+        import torch._dynamo  # noqa: F401
+    children = [context.Process(target=run_worker, args=(rank, args, backend, ports, roll))
+                for rank in range(n)]
+    previous = signal.signal(signal.SIGTERM, interrupted)  # stopped from outside: stop them too
+    try:
+        for child in children:
+            child.start()
+        return watch(children, args, roll)
+    except KeyboardInterrupt:
+        say("interrupted: stopping every student and teacher")
+        return 130
+    finally:
+        stop([c for c in children if c.pid is not None])
+        signal.signal(signal.SIGTERM, previous)
+# --8<-- [end:launch]
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def name(rank, args):
+    return f"student{rank}" if rank < args.students else f"teacher{rank - args.students}"
+
+
+# --8<-- [start:watch]
+def watch(children, args, roll) -> int:
+    """Wait for the children. All exit 0: done. One fails: the students get --rpc-timeout (plus
+    a little) to notice and say why; once no student is left, the teachers are stopped."""
+    students = children[:args.students]
+    deadline, stopped = None, []
+    while any(c.exitcode is None for c in children):
+        now = time.monotonic()
+        failed = any(c.exitcode not in (None, 0) for c in children)
+        students_left = any(c.exitcode is None for c in students)
+        if failed and deadline is None:
+            deadline = now + args.rpc_timeout + GRACE_S
+        if not students_left:  # nobody left to teach: the teachers end (gracefully, if all
+            end = now if failed else now + SHUTDOWN_TIMEOUT_S + GRACE_S  # went well)
+            deadline = end if deadline is None else min(deadline, end)
+        if deadline is not None and now >= deadline:
+            stopped = [c for c in children if c.exitcode is None]
+            stop(stopped)
+            break
+        alive = [c.sentinel for c in children if c.exitcode is None]
+        multiprocessing.connection.wait(alive, timeout=0.2 if deadline is None else
+                                        max(0.0, min(0.2, deadline - now)))
+    problems = []
+    for rank, child in enumerate(children):
+        code, where = child.exitcode, STAGES[roll[rank]]
+        if child in stopped:
+            problems.append(f"stopped {name(rank, args)} (rank {rank}), {where}")
+        elif code and code < 0:
+            problems.append(f"{name(rank, args)} (rank {rank}) was killed by "
+                            f"{signal.Signals(-code).name}, {where}")
+        elif code:
+            problems.append(f"{name(rank, args)} (rank {rank}) exited with {code}, {where}")
+    if problems:
+        say("failed: " + "; ".join(problems))
+    return 1 if problems else 0
+# --8<-- [end:watch]
+
+
+def stop(children):
+    """SIGTERM, then SIGKILL for any still there after STOP_S; every child joined."""
+    for child in children:
+        if child.exitcode is None:
+            child.terminate()
+    deadline = time.monotonic() + STOP_S
+    for child in children:
+        child.join(timeout=max(0.0, deadline - time.monotonic()))
+        if child.exitcode is None:
+            child.kill()
+            child.join()

@@ -1,0 +1,149 @@
+"""The worlds a process of rpc_demo lives in: its role's process group (students with students,
+teachers with teachers) and the RPC world that joins them. Every join is bounded in time, and a
+worker that never arrives is named by the ones waiting for it.
+
+The launcher shares a small array with its children, the roll: each process writes its stage
+there, so a process that waits for others can say which of them never came (and the launcher
+can say where each one was when something failed).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import threading
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as rpc
+
+from lessons.common import print_rank
+
+# A process's stage, in its slot of the roll (a multiprocessing array shared by the launcher).
+STAGES = ("not started", "starting", "joining a process group", "in a process group",
+          "joining RPC", "in RPC", "done")
+STARTING, JOINING_WORLD, IN_WORLD, JOINING_RPC, IN_RPC, DONE = range(1, 7)
+SHUTDOWN_TIMEOUT_S = 30  # rpc.shutdown(graceful=True) waits this long for the others at most
+# TensorPipe's transports (a private option of TensorPipeRpcBackendOptions, `_transports`):
+# "shm", shared memory, is its default on one machine, and its reactor thread spins while it
+# polls for data: after a message, a whole core per process, even with nothing to do (--bench
+# measures it). Nothing on a GPU server with cores to spare; a lot on a 2-core laptop, where
+# the student and the teacher compute on those cores. "uv" (TCP on loopback) sleeps until
+# data comes. --rpc-transport auto: uv on CPU, TensorPipe's default (shm first) on GPUs; the
+# launcher decides, once for all processes.
+TRANSPORTS = {"shm": None, "uv": ["uv"]}  # None: TensorPipe's own list, shm first
+
+
+class Failed(RuntimeError):
+    """A failure this process can name: printed as one line, exit code 1."""
+
+
+def taken(err, what, port):
+    """Failed, if `err` says the port was in use: another program took it after the launcher
+    found it free."""
+    if "EADDRINUSE" in str(err) or "ddress already in use" in str(err):
+        raise Failed(f"{what}: port {port} is in use: another program took it after the launcher "
+                     "found it free. Run again (or choose free ports: --student-port, "
+                     "--teacher-port, --rpc-port)") from None
+
+
+def worker_name(layout, rank: int) -> str:
+    """The RPC name of process `rank` (students first, as in distill_demo): student0, teacher1."""
+    if rank in layout.students:
+        return f"student{rank}"
+    return f"teacher{rank - len(layout.students)}"
+
+
+# --8<-- [start:role-world]
+@contextlib.contextmanager
+def role_world(what, members, port, run, roll):
+    """Join the world of `members` (global ranks) on 127.0.0.1:`port` for a `with` block: a
+    default process group of its own, with its own store (its first member hosts it)."""
+    nccl = run.device.type == "cuda"  # NCCL on GPUs, gloo on CPU
+    roll[run.rank] = JOINING_WORLD
+    try:
+        dist.init_process_group("nccl" if nccl else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=members.index(run.rank), world_size=len(members),
+                                timeout=datetime.timedelta(seconds=run.args.timeout),
+                                device_id=run.device if nccl else None)
+    except RuntimeError as err:  # bounded by --timeout: name who never came
+        taken(err, what, port)
+        missing = [f"{worker_name(run.layout, r)} (rank {r}, {STAGES[roll[r]]})" for r in members
+                   if roll[r] < JOINING_WORLD]
+        raise Failed(f"{what} on 127.0.0.1:{port} did not form within --timeout "
+                     f"{run.args.timeout:g} s; missing: {', '.join(missing) or 'none known'} "
+                     f"({str(err).strip().splitlines()[0]})") from None
+    roll[run.rank] = IN_WORLD
+    try:
+        if nccl:  # create the communicator now, not inside the first timed step
+            dist.barrier(device_ids=[run.device.index])
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# --8<-- [end:role-world]
+
+
+# --8<-- [start:start-rpc]
+def start_rpc(rank, names, port, timeout_s, roll, transport="shm", device_maps=None):
+    """Join the RPC world as names[rank], with its own rendezvous on 127.0.0.1:`port` (names[0],
+    student0, hosts it). Joining, and every call after it, fails after timeout_s. `transport`:
+    how TensorPipe moves bytes between processes (see TRANSPORTS)."""
+    # TensorPipe, and the gloo group init_rpc builds inside, listen on the loopback interface,
+    # not on the address the hostname resolves to (which may face a network): RPC runs the
+    # functions it is sent, so it must not be reachable from outside. Read at the first init_rpc.
+    os.environ["TP_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    # A tcp:// rendezvous under torchrun would wait for torchrun's store instead of hosting its
+    # own (lesson 00). The launcher refuses torchrun; this keeps the rule if it is ever lifted.
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=timeout_s, device_maps=device_maps,
+        _transports=TRANSPORTS[transport])
+    roll[rank] = JOINING_RPC
+
+    def give_up():  # init_rpc waits for a missing worker without limit
+        missing = [f"{n} (rank {r}, {STAGES[roll[r]]})" for r, n in enumerate(names)
+                   if roll[r] < JOINING_RPC]
+        print_rank(f"error: {names[rank]}: {', '.join(missing) or 'a worker'} never joined the "
+                   f"RPC world within {timeout_s:g} s (--rpc-timeout): is it running?")
+        os._exit(1)  # this thread cannot interrupt init_rpc; end the process instead of hanging
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.start()
+    try:
+        with warnings.catch_warnings():
+            # init_rpc's own code hands c10d a raw gloo backend where c10d wants a group, and
+            # c10d warns ("You are using a Backend ... as a ProcessGroup"): not ours to fix.
+            warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
+            rpc.init_rpc(names[rank], rank=rank, world_size=len(names),
+                         rpc_backend_options=options)
+    except RuntimeError as err:  # e.g. the rendezvous's host (student0) gave up and left
+        taken(err, "the RPC world", port)
+        raise Failed(f"could not join the RPC world at 127.0.0.1:{port}, which "
+                     f"{names[0]} hosts ({str(err).strip().splitlines()[0]})") from None
+    finally:
+        watchdog.cancel()
+    roll[rank] = IN_RPC
+
+
+@contextlib.contextmanager
+def rpc_world(rank, names, port, timeout_s, roll, transport="shm", device_maps=None):
+    """In the RPC world for a `with` block. Leaving it normally is a meeting of every worker
+    (graceful shutdown, bounded); leaving on an error is not: the others may be gone."""
+    start_rpc(rank, names, port, timeout_s, roll, transport, device_maps)
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        rpc.shutdown(graceful=done, timeout=SHUTDOWN_TIMEOUT_S)
+# --8<-- [end:start-rpc]
+
+
+def cuda_maps(teachers, names, device):
+    """A student on a GPU maps its device to each of its teachers' (global rank = GPU index),
+    so RPC moves CUDA tensors directly; RPC derives the way back. None on CPU."""
+    if device.type != "cuda":
+        return None
+    return {names[t]: {device: torch.device("cuda", t)} for t in teachers}
