@@ -90,6 +90,9 @@ def test_bench_prints_both_paths_and_their_losses_match(tmp_path):
     assert re.search(r"\[rank 0\] RPC / p2p step time: [\d.]+x; goal <= 1.2x: (met|NOT met)", out)
     assert ("[rank 0] checked: p2p and RPC give the same mean loss at each of the 7 steps, in "
             "every round") in out
+    drift = re.search(r"\[rank 0\] losses, largest relative difference from round 1's p2p: p2p "
+                      r"in later rounds ([\d.e+-]+), RPC ([\d.e+-]+)", out)
+    assert drift and max(map(float, drift.groups())) <= 1e-3, out  # float32 on CPU
     assert "[rank 0] RPC: from rpc_async to the answer's arrival" in out
     for name in ("08_demo_bench.png", "08_demo_bench_timeline.png"):
         assert (tmp_path / name).stat().st_size > 10_000

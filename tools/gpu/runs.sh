@@ -33,6 +33,8 @@ for transfer in full topk; do
       --size large --vocab 32768 --seq 1024 --batch 4 --transfer $transfer --topk 64 --rounds 2 \
       --repeats 10 --out "$G/figs/rpc_$transfer"
 done
+# Why the teacher's forward is slower in RPC threads (docs/rpc_demo.md): three ways to serve
+run rpc_probe 500 python3 tools/gpu/rpc_probe.py
 run bench_09_weight_update 400 $TR --nproc-per-node 2 benchmarks/weight_update.py --backend nccl \
     --out "$G/figs"
 run trace_gpu 200 python3 tools/capture_debug_outputs.py gpu "$G/trace"
