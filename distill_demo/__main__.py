@@ -33,7 +33,7 @@ from distill_demo.comms import HEADER_BYTES, Channel, Layout, PeerLost, make_gro
 from distill_demo.data import MarkovData
 from distill_demo.knowledge import MODES, bytes_per_token
 from distill_demo.models import SIZES
-from distill_demo.report import Progress, Timeline, plot_losses, plot_timelines
+from distill_demo.report import Progress, Timeline, check_loss_fell, plot_losses, plot_timelines
 from distill_demo.train import Run, Session, new_student, prepare_teacher, student_session, \
     teacher_session
 from lessons.common import parser, print0, print_rank, setup, usage_error
@@ -135,10 +135,7 @@ def report(run: Run, result, everyone):
     print0(f"checked: that is {tokens} tokens x {per_token:,} bytes ({args.transfer}) + "
            f"{n_teachers} header{'s' * (n_teachers > 1)}, as knowledge.bytes_per_token says")
     losses = result.losses
-    if len(losses) > 1:  # the first loss is taken before any step
-        assert losses[-1] < losses[0], f"rank 0: the loss did not fall: {losses[0]} -> {losses[-1]}"
-        print0(f"checked: mean student loss fell from {losses[0]:.4f} to {losses[-1]:.4f} "
-               f"in {args.steps} steps")
+    check_loss_fell(losses, args.steps)
     print0("checked: every student holds the same weights (spread 0 over the student group "
            f"of {len(layout.students)})")
     answered = [everyone[t][0] for t in layout.teachers]

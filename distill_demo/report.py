@@ -69,6 +69,15 @@ class Timeline:
         return events
 
 
+def check_loss_fell(losses: list, steps: int):
+    """Rank 0: the students' mean loss fell over the run (the first loss is taken before any
+    step, so one step proves nothing)."""
+    if len(losses) > 1:
+        assert losses[-1] < losses[0], f"rank 0: the loss did not fall: {losses[0]} -> {losses[-1]}"
+        print0(f"checked: mean student loss fell from {losses[0]:.4f} to {losses[-1]:.4f} in "
+               f"{steps} steps")
+
+
 def plot_losses(curves: dict, path: Path, title: str):
     """curves: {label: [loss per step]} -> one line each."""
     import matplotlib

@@ -97,7 +97,8 @@ def prepare_teacher(run: Run) -> torch.nn.Module:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            first_loss = loss.item() if step == 0 else first_loss
+            if step == 0:
+                first_loss = loss.item()
         print_rank(f"teacher pretrained for {args.teacher_steps} steps: next-token loss "
                    f"{first_loss:.2f} -> {loss.item():.2f} (the data's entropy: "
                    f"{run.data.entropy():.2f})")
