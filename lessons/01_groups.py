@@ -80,8 +80,8 @@ def check_pair_group(ctx, pair, pair_group, cpu_group):
     print0("rank  pair    name  seen through it  sum")
     for r, ranks, name, met, s in rows or []:
         print0(f"{r:>4}  {str(ranks):<6} {name:>5}  {str(met):<15} {s:>4g}")
-    print0(f"checked: every pair group reaches exactly its 2 members; all_reduce in it gives "
-           f"the pair's sum of rank+1 (2r+3 for the pair r, r+1)")
+    print0("checked: every pair group reaches exactly its 2 members; all_reduce in it gives "
+           "the pair's sum of rank+1 (2r+3 for the pair r, r+1)")
 
 
 def check_cpu_group(ctx, pair_group, cpu_group):
