@@ -91,7 +91,12 @@ class Engine(FastPath):
             return {"ok": False, "error": f"{type(err).__name__}: {err}"}
 
     def close(self):
+        # Stop the heartbeat and wait for it: a daemon thread still inside a store call when the
+        # interpreter exits is ended mid-C++, which can abort the process ("terminate called
+        # without an active exception") after its work is done. Its wait wakes at once; a store
+        # call in flight ends within the store's timeout.
         self.heartbeat.stopped.set()
+        self.heartbeat.join(timeout=self.heartbeat.store.timeout.total_seconds())
         for group in self.groups.values():
             group.close()
         self.groups.clear()
