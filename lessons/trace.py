@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import re
@@ -74,11 +73,6 @@ def recording(folder):
             torch.cuda.synchronize()
         profiler.stop()
         profiler.export_chrome_trace(str(folder / f"rank{rank}.json"))
-        # Free the profiler now, not at interpreter exit: left to exit, torch 2.13's profiler
-        # state is torn down after kineto's and the rank sometimes dies with "terminate called
-        # without an active exception" (SIGABRT) after it has finished (about 1 run in 5 here).
-        del profiler
-        gc.collect()  # the profile object sits in a reference cycle: only the collector frees it
     # The groups the lesson made while recording (the trace lists those that existed at start).
     # A private helper, the one the profiler itself uses; without it p2p peers are guessed.
     groups = [g["ranks"] for g in getattr(dist.distributed_c10d, "_get_all_pg_configs", list)()]
@@ -88,6 +82,14 @@ def recording(folder):
     if rank == 0:
         (folder / "digests.json").write_text(json.dumps(digests))  # for re-merging: __main__
         print(f"[rank 0] trace: {merge(digests, folder)}", flush=True)
+    # Every rank leaves once rank 0 has merged, not straight after the gather. Once
+    # torch.profiler has run, a gloo group outlives destroy_process_group (torch 2.13: its
+    # worker threads are still there after it; without a profiler they are gone), so they run
+    # into interpreter exit. A worker still releasing the gather's tensors then needs the GIL
+    # while Python shuts down, and the rank dies with "terminate called without an active
+    # exception" (SIGABRT) after its work is done (gdb: pt_gloo_runloop in ~AsyncGatherWork,
+    # about 1 run in 12). Waiting here gives the workers that time.
+    dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
 
 
 def digest(trace, groups=None):
