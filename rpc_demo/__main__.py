@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3,
                    help="--bench: p2p then RPC, this many times, so both see the same load (3)")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default=env("COURSE_BACKEND",
-                   "auto"), help="auto: NCCL if every process gets a GPU, else gloo on CPU")
+                   "auto"), help="auto: NCCL if every process gets a GPU, else gloo on CPU; nccl with "
+                   "fewer GPUs: students and teachers share them (not with --bench)")
     p.add_argument("--timeout", type=float, default=float(env("COURSE_TIMEOUT", "60")),
                    help="seconds a collective in a role's world may wait (60)")
     p.add_argument("--rpc-timeout", type=float, default=30.0,

@@ -57,13 +57,22 @@ def why_not_fork():
 # --8<-- [end:why-not-fork]
 
 
-def choose_backend(requested, processes):
+def choose_backend(requested, args):
     """NCCL (a GPU per process, GPU index = rank) if there are enough GPUs, else gloo on CPU.
-    device_count() asks NVML, which leaves CUDA uninitialised here: the children can fork."""
-    gpus = torch.cuda.device_count()
-    if requested == "nccl" and gpus < processes:
-        refuse(f"--backend nccl needs a GPU per process: {processes} processes but {gpus} GPUs. "
-               "Start fewer students and teachers, or use --backend gloo")
+    --backend nccl with fewer GPUs: students and teachers share them (worlds.gpu_index), as
+    long as each role's world has a GPU per process; not for --bench, whose p2p half puts
+    everyone in one NCCL world. device_count() asks NVML, which leaves CUDA uninitialised
+    here: the children can fork."""
+    gpus, processes = torch.cuda.device_count(), args.students + args.teachers
+    if requested == "nccl" and gpus < processes and args.bench:
+        refuse(f"--backend nccl --bench needs a GPU per process (its p2p half is one NCCL world "
+               f"of all {processes}), and there are {gpus}. Start fewer students and teachers, "
+               "train without --bench (students and teachers then share GPUs), or use "
+               "--backend gloo")
+    if requested == "nccl" and gpus < max(args.students, args.teachers):
+        refuse(f"--backend nccl needs a GPU per student and per teacher at least (with fewer "
+               f"than {processes} GPUs they share them): {args.students} students, "
+               f"{args.teachers} teachers, {gpus} GPUs. Start fewer, or use --backend gloo")
     if requested == "nccl" or (requested == "auto" and 0 < processes <= gpus):
         return "nccl"
     return "gloo"
@@ -105,7 +114,7 @@ def pick_ports(args):
 def launch(args) -> int:
     """Start args.students + args.teachers processes, wait for them, return the exit code."""
     n = args.students + args.teachers
-    backend = choose_backend(args.backend, n)
+    backend = choose_backend(args.backend, args)
     if args.start == "fork" and (why := why_not_fork()):
         refuse(f"--start fork: {why}")
     ports = pick_ports(args)

@@ -41,7 +41,7 @@ def student_role(run, ports, roll, session, on_step=None):
     unit = layout.units[layout.unit_of(rank)]
     with role_world("the students' world", layout.students, ports["students"], run, roll):
         student, optimizer = new_student(run)
-        maps = cuda_maps(unit.teachers, names, run.device)
+        maps = cuda_maps(layout, unit.teachers, names, run.device)
         with rpc_world(rank, names, ports["rpc"], run.args.rpc_timeout, roll,
                        run.args.rpc_transport, maps):
             cpu = cpu_now(run) if session.timed else {}  # its teachers' too

@@ -26,7 +26,7 @@ from lessons.common import print0, print_rank
 from rpc_demo import bench
 from rpc_demo.roles import student_role, teacher_role
 from rpc_demo.student import reference_training
-from rpc_demo.worlds import DONE, STARTING, Failed, worker_name
+from rpc_demo.worlds import DONE, STARTING, Failed, gpu_index, worker_name
 
 TIMELINE_STEPS = 3  # the last steps of a training run go on the timeline
 
@@ -43,9 +43,17 @@ def run_worker(rank, args, backend, ports, roll):
     roll[rank] = STARTING
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: every gloo group listens on loopback
     layout = Layout(args.students + args.teachers, args.teachers, args.students)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", gpu_index(layout, rank)) if backend == "nccl" else \
+        torch.device("cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # global rank = GPU index: one machine, a GPU each
+        torch.cuda.set_device(device)  # one machine: GPU index = rank, or shared (gpu_index)
+        # Runs are checked step by step against one process (and the benchmark's p2p and RPC
+        # halves against each other): on a GPU that needs deterministic kernels. Strict, not
+        # warn_only: cuDNN attention's backward is otherwise non-deterministic, and at
+        # --size large its rounding grew into loss differences of tens of percent within 5
+        # steps (1xH100; strict: bitwise equal, docs/rpc_demo.md).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first matmul
+        torch.use_deterministic_algorithms(True)
     else:  # one thread per process, as torchrun does: the processes share the cores
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     run = Run(args, rank, device, layout, groups=None, channel=None,

@@ -141,9 +141,19 @@ def rpc_world(rank, names, port, timeout_s, roll, transport="shm", device_maps=N
 # --8<-- [end:start-rpc]
 
 
-def cuda_maps(teachers, names, device):
-    """A student on a GPU maps its device to each of its teachers' (global rank = GPU index),
-    so RPC moves CUDA tensors directly; RPC derives the way back. None on CPU."""
+def gpu_index(layout, rank: int) -> int:
+    """The GPU of a process: its rank when there is a GPU per process; with fewer (--backend
+    nccl, not --bench), its index among its role's ranks: students and teachers share GPUs,
+    and within each role's NCCL world every GPU is still used once."""
+    if torch.cuda.device_count() >= len(layout.students + layout.teachers):
+        return rank
+    role = layout.students if rank in layout.students else layout.teachers
+    return role.index(rank)
+
+
+def cuda_maps(layout, teachers, names, device):
+    """A student on a GPU maps its device to each of its teachers' (gpu_index), so RPC moves
+    CUDA tensors directly; RPC derives the way back. None on CPU."""
     if device.type != "cuda":
         return None
-    return {names[t]: {device: torch.device("cuda", t)} for t in teachers}
+    return {names[t]: {device: torch.device("cuda", gpu_index(layout, t))} for t in teachers}

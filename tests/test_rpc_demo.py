@@ -17,7 +17,7 @@ from lessons import launcher
 sys.path.insert(0, str(ROOT))  # the packages live at the repository root
 from rpc_demo.__main__ import main, parse_args, validate  # noqa: E402
 from rpc_demo.worker import check_against_reference  # noqa: E402
-from rpc_demo.worlds import Failed, role_world  # noqa: E402
+from rpc_demo.worlds import Failed, gpu_index, role_world  # noqa: E402
 
 ENV = {"PYTHONPATH": str(ROOT), "COURSE_BACKEND": "gloo"}
 SMALL = ["--steps", 4, "--teacher-steps", 3]  # a few steps: enough to tell a wrong answer
@@ -229,6 +229,28 @@ def test_bad_flags_are_named(capsys, flags, message):
         main(list(map(str, flags)))
     assert exit_.value.code == 2 and multiprocessing.active_children() == []
     assert capsys.readouterr().out.startswith(f"[launcher] error: {message}")
+
+
+@pytest.mark.parametrize("gpus, flags, message", [
+    (0, [], "--backend nccl needs a GPU per student and per teacher at least (with fewer than "
+            "4 GPUs they share them): 2 students, 2 teachers, 0 GPUs"),
+    (1, ["--bench"], "--backend nccl --bench needs a GPU per process (its p2p half is one NCCL "
+                     "world of all 4), and there are 1"),
+])
+def test_too_few_gpus_for_nccl_is_refused(capsys, monkeypatch, gpus, flags, message):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--backend", "nccl", *flags])
+    assert exit_.value.code == 2 and multiprocessing.active_children() == []
+    assert capsys.readouterr().out.startswith(f"[launcher] error: {message}")
+
+
+@pytest.mark.parametrize("gpus, expected", [(4, [0, 1, 2, 3]), (2, [0, 1, 0, 1])])
+def test_students_and_teachers_share_gpus_only_when_there_are_too_few(monkeypatch, gpus,
+                                                                       expected):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    layout = SimpleNamespace(students=[0, 1], teachers=[2, 3])
+    assert [gpu_index(layout, rank) for rank in range(4)] == expected
 
 
 def test_good_flags_pass_validation():
