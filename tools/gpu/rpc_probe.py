@@ -1,5 +1,6 @@
-"""Why is rpc_demo's teacher forward slower in an RPC thread than in a main thread on GPUs, and
-are its answers intact? A diagnostic behind docs/rpc_demo.md, not part of the course.
+"""Why was rpc_demo's teacher forward slower in an RPC thread than in a main thread on GPUs, and
+are its answers intact? A diagnostic behind docs/rpc_demo.md, not part of the course; its
+findings are why rpc_demo's teacher now answers from its main thread.
 
     PYTHONPATH=. NCCL_NVLS_ENABLE=0 python3 tools/gpu/rpc_probe.py [--part abc] [--mode both]
 
@@ -11,10 +12,10 @@ A  one process: the main thread; the main thread on the next of 32 pool streams 
    deterministic algorithms off and on.
 B  two forked processes, a student on GPU 0 and a teacher on GPU 1 (both on GPU 0 with one
    GPU), RPC with device_maps as in rpc_demo, two requests in flight as in its pipelined step:
-     rpc-thread   rpc_demo's way: the forward in the RPC thread, on the stream RPC made current
+     rpc-thread   rpc_demo's first way: the forward in the RPC thread, on RPC's stream
      own-stream   the same thread, the forward on one stream the teacher keeps
-     main-thread  @rpc.functions.async_execution: the RPC thread queues the request; the
-                  teacher's main thread runs it and completes the Future
+     main-thread  rpc_demo's way now (@rpc.functions.async_execution): the RPC thread queues
+                  the request; the teacher's main thread runs it and completes the Future
    and, for each: forward ms, round trip, cudaMalloc calls (new segments) per request, how many
    pool streams and threads served the calls, and whether every answer equals the same forward
    run by the student on its own copy of the teacher (bitwise on identical GPUs).
@@ -134,7 +135,7 @@ def forward(mode, ids):
 
 
 def rpc_thread(mode, ids):
-    """rpc_demo's way: in the RPC thread, on the stream RPC made current for this message."""
+    """rpc_demo's first way: in the RPC thread, on the stream RPC made current for this message."""
     with torch.cuda.device(DEVICE):  # an RPC thread's current device is GPU 0
         return forward(mode, ids)
 
