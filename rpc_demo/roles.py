@@ -18,7 +18,7 @@ from distill_demo.train import new_student
 from lessons.common import print_rank
 from rpc_demo.student import cpu_now, idle_cpu, stop_teachers, student_session, teacher_events
 from rpc_demo.teacher import Serving, install, prepare, serve
-from rpc_demo.worlds import cuda_maps, role_world, rpc_world, worker_name
+from rpc_demo.worlds import IN_WORLD, PREPARING, cuda_maps, role_world, rpc_world, worker_name
 
 
 @dataclass
@@ -75,7 +75,9 @@ def teacher_role(run, ports, roll, fault):
     names = [worker_name(layout, r) for r in range(len(layout.students + layout.teachers))]
     index = layout.teachers.index(rank)
     with role_world("the teachers' world", layout.teachers, ports["teachers"], run, roll):
+        roll[rank] = PREPARING  # students joining RPC wait for this without counting
         model = prepare(run, index)
+        roll[rank] = IN_WORLD
         unit = layout.units[layout.unit_of(rank)]
         install(Serving(model, run.device, unit.students,
                         run.args.timeout + run.args.rpc_timeout, fault))

@@ -22,8 +22,9 @@ from lessons.common import print_rank
 
 # A process's stage, in its slot of the roll (a multiprocessing array shared by the launcher).
 STAGES = ("not started", "starting", "joining a process group", "in a process group",
-          "joining RPC", "in RPC", "done")
-STARTING, JOINING_WORLD, IN_WORLD, JOINING_RPC, IN_RPC, DONE = range(1, 7)
+          "preparing its model", "joining RPC", "in RPC", "done")
+STARTING, JOINING_WORLD, IN_WORLD, PREPARING, JOINING_RPC, IN_RPC, DONE = range(1, 8)
+WATCH_S = 0.25  # how often a process joining RPC looks at the roll
 SHUTDOWN_TIMEOUT_S = 30  # rpc.shutdown(graceful=True) waits this long for the others at most
 # TensorPipe's transports (a private option of TensorPipeRpcBackendOptions, `_transports`):
 # "shm", shared memory, is its default on one machine, and its reactor thread spins while it
@@ -101,15 +102,31 @@ def start_rpc(rank, names, port, timeout_s, roll, transport="shm", device_maps=N
         init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=timeout_s, device_maps=device_maps,
         _transports=TRANSPORTS[transport])
     roll[rank] = JOINING_RPC
+    joined = threading.Event()
 
-    def give_up():  # init_rpc waits for a missing worker without limit
-        missing = [f"{n} (rank {r}, {STAGES[roll[r]]})" for r, n in enumerate(names)
-                   if roll[r] < JOINING_RPC]
-        print_rank(f"error: {names[rank]}: {', '.join(missing) or 'a worker'} never joined the "
-                   f"RPC world within {timeout_s:g} s (--rpc-timeout): is it running?")
-        os._exit(1)  # this thread cannot interrupt init_rpc; end the process instead of hanging
+    def watch():  # init_rpc waits for a missing worker without limit: this bounds it
+        waited = patient = 0.0
+        while not joined.wait(WATCH_S):
+            missing = [r for r in range(len(names)) if roll[r] < JOINING_RPC]
+            preparing = [r for r in missing if roll[r] == PREPARING]
+            # Startup is not liveness: a teacher pretraining (or loading a checkpoint) is slow,
+            # not gone. The clock runs while someone is missing for any other reason.
+            if missing and len(preparing) == len(missing):
+                patient += WATCH_S
+                if patient - WATCH_S < timeout_s <= patient:  # say so once, when it matters
+                    who = ", ".join(f"{names[r]} (rank {r})" for r in preparing)
+                    print_rank(f"{names[rank]}: {who} still preparing after {timeout_s:g} s "
+                               f"(--rpc-timeout); waiting, as that is not a fault")
+                continue
+            waited += WATCH_S
+            if waited >= timeout_s:
+                late = [f"{names[r]} (rank {r}, {STAGES[roll[r]]})" for r in missing]
+                print_rank(f"error: {names[rank]}: {', '.join(late) or 'a worker'} never joined "
+                           f"the RPC world within {timeout_s:g} s (--rpc-timeout): is it "
+                           f"running?")
+                os._exit(1)  # this thread cannot interrupt init_rpc; end the process, not hang
 
-    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog = threading.Thread(target=watch, daemon=True)
     watchdog.start()
     try:
         with warnings.catch_warnings():
@@ -123,7 +140,7 @@ def start_rpc(rank, names, port, timeout_s, roll, transport="shm", device_maps=N
         raise Failed(f"could not join the RPC world at 127.0.0.1:{port}, which "
                      f"{names[0]} hosts ({str(err).strip().splitlines()[0]})") from None
     finally:
-        watchdog.cancel()
+        joined.set()
     roll[rank] = IN_RPC
 
 
