@@ -33,9 +33,10 @@ from distill_demo.comms import HEADER_BYTES, Channel, Layout, PeerLost, make_gro
 from distill_demo.data import MarkovData
 from distill_demo.knowledge import MODES, bytes_per_token
 from distill_demo.models import SIZES
-from distill_demo.report import Progress, Timeline, check_loss_fell, plot_losses, plot_timelines
-from distill_demo.train import Run, Session, new_student, prepare_teacher, student_session, \
-    teacher_session
+from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_losses, \
+    plot_timelines
+from distill_demo.train import RECIPES, Run, Session, new_student, prepare_teacher, \
+    student_session, teacher_session
 from lessons.common import parser, print0, print_rank, setup, usage_error
 
 TIMELINE_STEPS = 3  # the last steps of a run go on the timeline
@@ -53,19 +54,23 @@ def parse_args(argv=None):
                         "early (on)")
     p.add_argument("--steps", type=int, default=60, help="training steps (60)")
     p.add_argument("--teacher-steps", type=int, default=None,
-                   help="steps the teacher trains on the data first (60; 0 with --bench)")
+                   help="steps the teacher trains on the data first (60, 200 with --size "
+                        "large; 0 with --bench)")
     p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
     p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
-    p.add_argument("--lr", type=float, default=1e-2, help="the students' AdamW step size (0.01)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the students' AdamW step size (0.01; small 0.003, large 0.0003)")
     p.add_argument("--bench", action="store_true", help="time every mode, overlap on and off")
     p.add_argument("--warmup", type=int, default=3, help="--bench: untimed steps first (3)")
     p.add_argument("--repeats", type=int, default=10, help="--bench: timed steps, median (10)")
     p.add_argument("--save", help="write the trained student's weights to this file (rank 0)")
     args = p.parse_args(argv)
     if args.teacher_steps is None:
-        args.teacher_steps = 0 if args.bench else 60
+        args.teacher_steps = 0 if args.bench else RECIPES[args.size].teacher_steps
+    if args.lr is None:
+        args.lr = RECIPES[args.size].student_lr
     return args
 
 
@@ -135,7 +140,7 @@ def report(run: Run, result, everyone):
     print0(f"checked: that is {tokens} tokens x {per_token:,} bytes ({args.transfer}) + "
            f"{n_teachers} header{'s' * (n_teachers > 1)}, as knowledge.bytes_per_token says")
     losses = result.losses
-    check_loss_fell(losses, args.steps)
+    check_loss_fell(losses, args)
     print0("checked: every student holds the same weights (spread 0 over the student group "
            f"of {len(layout.students)})")
     answered = [everyone[t][0] for t in layout.teachers]
@@ -167,7 +172,7 @@ def main():
                f"{args.batch} per student; {str(run.dtype).removeprefix('torch.')}")
         try:
             run_bench(run) if args.bench else train(run)
-        except PeerLost as err:  # a rank died: one line naming it, not a traceback per rank
+        except (PeerLost, CheckFailed) as err:  # one line naming it, not a traceback per rank
             print_rank(f"error: {err}")
             raise SystemExit(1) from None
 

@@ -69,13 +69,21 @@ class Timeline:
         return events
 
 
-def check_loss_fell(losses: list, steps: int):
+class CheckFailed(RuntimeError):
+    """A run's own check of its result failed: printed as one line, exit code 1."""
+
+
+def check_loss_fell(losses: list, args):
     """Rank 0: the students' mean loss fell over the run (the first loss is taken before any
     step, so one step proves nothing)."""
+    if len(losses) > 1 and not losses[-1] < losses[0]:
+        raise CheckFailed(f"the students' mean loss did not fall in {args.steps} steps: "
+                          f"{losses[0]:.4f} -> {losses[-1]:.4f}. Their step size may be too "
+                          f"large for --size {args.size}: try a smaller --lr than {args.lr:g}, "
+                          "or more --steps")
     if len(losses) > 1:
-        assert losses[-1] < losses[0], f"rank 0: the loss did not fall: {losses[0]} -> {losses[-1]}"
         print0(f"checked: mean student loss fell from {losses[0]:.4f} to {losses[-1]:.4f} in "
-               f"{steps} steps")
+               f"{args.steps} steps")
 
 
 def plot_losses(curves: dict, path: Path, title: str):

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,21 @@ from distill_demo.report import Timeline
 from lessons.common import print_rank
 
 PRETRAIN_SHARD = 1_000_000  # the teacher's own data: never a student's shard
-PRETRAIN_LR = 1e-2
+
+
+# --8<-- [start:recipes]
+class Recipe(NamedTuple):
+    """How a size trains. Larger models need smaller steps, and a 32768-token vocabulary needs
+    more pretraining: tools/gpu/recipe_probe.py measured these (docs/distill_demo.md)."""
+    teacher_lr: float  # the teacher's AdamW step size while it pretrains
+    warmup: int  # its steps of linear warm-up to teacher_lr (large models diverge without)
+    teacher_steps: int  # the default --teacher-steps
+    student_lr: float  # the default --lr
+
+
+RECIPES = {"tiny": Recipe(1e-2, 0, 60, 1e-2), "small": Recipe(1e-3, 0, 60, 3e-3),
+           "large": Recipe(3e-4, 10, 200, 3e-4)}
+# --8<-- [end:recipes]
 
 
 @dataclass
@@ -83,6 +98,26 @@ class Result:
     bytes_out: float = 0.0  # per step: the ids sent to the teachers
 
 
+def pretrain(teacher, data: MarkovData, size: str, steps: int, batch: int, device,
+             lr: float | None = None, warmup: int | None = None) -> list[float]:
+    """Train `teacher` to predict the next token for `steps` steps with its size's recipe (or
+    with `lr` and `warmup` instead). Returns its loss at every step."""
+    lr = RECIPES[size].teacher_lr if lr is None else lr
+    warmup = RECIPES[size].warmup if warmup is None else warmup
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:  # a linear warm-up keeps large models from diverging
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        ids = data.batch(step, PRETRAIN_SHARD, batch).to(device)
+        loss = F.cross_entropy(teacher(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def prepare_teacher(run: Run) -> torch.nn.Module:
     """The first teacher trains on the data for --teacher-steps (a real run would load a
     checkpoint), then hands its weights to every other teacher."""
@@ -90,17 +125,10 @@ def prepare_teacher(run: Run) -> torch.nn.Module:
     teacher = make_teacher(args.size, args.vocab, args.seq).to(run.device)
     first = run.layout.teachers[0]
     if run.rank == first and args.teacher_steps:
-        optimizer = torch.optim.AdamW(teacher.parameters(), lr=PRETRAIN_LR)
-        for step in range(args.teacher_steps):
-            ids = run.data.batch(step, PRETRAIN_SHARD, args.batch).to(run.device)
-            loss = F.cross_entropy(teacher(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if step == 0:
-                first_loss = loss.item()
+        losses = pretrain(teacher, run.data, args.size, args.teacher_steps, args.batch,
+                          run.device)
         print_rank(f"teacher pretrained for {args.teacher_steps} steps: next-token loss "
-                   f"{first_loss:.2f} -> {loss.item():.2f} (the data's entropy: "
+                   f"{losses[0]:.2f} -> {losses[-1]:.2f} (the data's entropy: "
                    f"{run.data.entropy():.2f})")
     broadcast_(teacher, first, run.groups.teachers)  # every teacher answers alike
     return teacher.to(run.dtype).eval()

@@ -32,6 +32,7 @@ import os
 from distill_demo.comms import Layout
 from distill_demo.knowledge import MODES
 from distill_demo.models import SIZES
+from distill_demo.train import RECIPES
 from rpc_demo.launch import launch, refuse
 from rpc_demo.teacher import FAULT_STEP
 
@@ -48,12 +49,14 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
     p.add_argument("--steps", type=int, default=60, help="training steps (60)")
     p.add_argument("--teacher-steps", type=int, default=None,
-                   help="steps the first teacher trains on the data first (60; 0 with --bench)")
+                   help="steps the first teacher trains on the data first (60, 200 with "
+                        "--size large; 0 with --bench)")
     p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
     p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
-    p.add_argument("--lr", type=float, default=1e-2, help="the students' AdamW step size (0.01)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="the students' AdamW step size (0.01; small 0.003, large 0.0003)")
     p.add_argument("--bench", action="store_true",
                    help="train the same config over p2p and over RPC; compare")
     p.add_argument("--warmup", type=int, default=3, help="--bench: untimed steps first (3)")
@@ -84,7 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--save", help="write the trained student's weights to this file")
     args = p.parse_args(argv)
     if args.teacher_steps is None:
-        args.teacher_steps = 0 if args.bench else 60
+        args.teacher_steps = 0 if args.bench else RECIPES[args.size].teacher_steps
+    if args.lr is None:
+        args.lr = RECIPES[args.size].student_lr
     return args
 
 

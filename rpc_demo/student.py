@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed.rpc as rpc
-import torch.nn.functional as F
 
 from distill_demo.comms import PeerLost, average_
 from distill_demo.data import MarkovData
 from distill_demo.knowledge import student_loss, teacher_message
 from distill_demo.models import make_student, make_teacher
-from distill_demo.train import PRETRAIN_LR, PRETRAIN_SHARD, Result
+from distill_demo.train import Result, pretrain
 from rpc_demo import teacher as teacher_rpc
 from rpc_demo.worlds import Failed, worker_name
 
@@ -153,13 +152,8 @@ def reference_training(args, n_students, device, autocast):
     and one student that trains on every student's batch at once. Returns (losses, student)."""
     data = MarkovData(args.vocab, args.seq)
     teacher = make_teacher(args.size, args.vocab, args.seq).to(device)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=PRETRAIN_LR)
-    for step in range(args.teacher_steps):
-        ids = data.batch(step, PRETRAIN_SHARD, args.batch).to(device)
-        loss = F.cross_entropy(teacher(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    if args.teacher_steps:
+        pretrain(teacher, data, args.size, args.teacher_steps, args.batch, device)
     teacher = teacher.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     student = make_student(args.size, args.vocab, args.seq).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)

@@ -20,7 +20,8 @@ from distill_demo.comms import Layout, PeerLost, count
 from distill_demo.data import MarkovData
 from distill_demo.knowledge import bytes_per_token
 from distill_demo.models import SIZES
-from distill_demo.report import Progress, Timeline, check_loss_fell, plot_losses, plot_timelines
+from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_losses, \
+    plot_timelines
 from distill_demo.train import Run, Session
 from lessons.common import print0, print_rank
 from rpc_demo import bench
@@ -63,7 +64,7 @@ def run_worker(rank, args, backend, ports, roll):
             bench.run_bench(run, backend, ports, roll)
         else:
             train(run, backend, ports[0], roll)
-    except (Failed, PeerLost) as err:  # one line that names what went wrong, not a traceback
+    except (Failed, PeerLost, CheckFailed) as err:  # one line naming what went wrong
         print_rank(f"error: {worker_name(layout, rank)}: {err}")
         raise SystemExit(1) from None
     roll[rank] = DONE
@@ -117,7 +118,7 @@ def report(run, outcome):
     print0(f"checked: that is {tokens} tokens x {per_token:,} bytes ({args.transfer}), as "
            "knowledge.bytes_per_token says")
     losses = result.losses
-    check_loss_fell(losses, args.steps)
+    check_loss_fell(losses, args)
     print0("checked: every student holds the same weights (spread 0 over the students' world "
            f"of {len(layout.students)})")
     for teacher, per_student in outcome.answered.items():

@@ -54,11 +54,13 @@ def reference_student(n_students, steps=4, teacher_steps=3, batch=8, vocab=256, 
     from distill_demo.data import MarkovData
     from distill_demo.knowledge import kl_full
     from distill_demo.models import make_student, make_teacher
-    from distill_demo.train import PRETRAIN_LR, PRETRAIN_SHARD
+    from distill_demo.train import PRETRAIN_SHARD, RECIPES
 
     data = MarkovData(vocab, seq)
     teacher = make_teacher("tiny", vocab, seq)
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=PRETRAIN_LR)
+    lr, warmup = RECIPES["tiny"].teacher_lr, RECIPES["tiny"].warmup
+    assert warmup == 0, "this reference pretrains without a warm-up, as tiny did"
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
     for step in range(teacher_steps):
         ids = data.batch(step, PRETRAIN_SHARD, batch)
         loss = torch.nn.functional.cross_entropy(teacher(ids[:, :-1]).flatten(0, 1),

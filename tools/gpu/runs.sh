@@ -33,6 +33,17 @@ for transfer in full topk; do
       --size large --vocab 32768 --seq 1024 --batch 4 --transfer $transfer --topk 64 --rounds 2 \
       --repeats 10 --out "$G/figs/rpc_$transfer"
 done
+# Training at the large size, student and teacher sharing GPU 0, against one process
+for transfer in full topk hidden; do
+  run "08_rpc_demo_large_$transfer" 300 python3 -m rpc_demo --students 1 --teachers 1 \
+      --backend nccl --size large --vocab 32768 --seq 1024 --batch 4 --steps 24 --topk 64 \
+      --transfer $transfer --out "$G/figs/rpc_large_$transfer"
+done
+# The sizes' learning rates (distill_demo.train.RECIPES; docs/distill_demo.md)
+run recipe_probe 500 bash -c 'P=tools/gpu/recipe_probe.py; A="large 32768 1024 4"
+  python3 $P teacher $A 60 1e-2,1e-3,3e-4,1e-4 0; python3 $P teacher $A 200 1e-3,3e-4 10
+  python3 $P student $A 60 1e-2,3e-3,1e-3,3e-4 full; python3 $P student $A 60 1e-2,1e-3,3e-4 topk
+  python3 $P student $A 60 1e-2,1e-3,3e-4 hidden'
 # Why the teacher's forward is slower in RPC threads (docs/rpc_demo.md): three ways to serve
 run rpc_probe 500 python3 tools/gpu/rpc_probe.py
 run bench_09_weight_update 400 $TR --nproc-per-node 2 benchmarks/weight_update.py --backend nccl \
