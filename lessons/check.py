@@ -1,6 +1,6 @@
 """Exercise checks: run your function on N ranks, compare every rank with a single-process answer.
 
-    python -m lessons.check 00                # lesson 00's exercises as written in lessons/00_hello.py
+    python -m lessons.check 00                # lesson 00's exercises as in lessons/00_hello.py
     python -m lessons.check 00.1 --solution   # the reference solution, solutions/00_hello.py
     python -m lessons.check 00.1 --file mine.py
     check("00.1", mean_over_ranks)            # in a notebook: your function, on 4 ranks

@@ -89,7 +89,8 @@ def _tidy(lines):
             kept.append(lines[i])
             i += 1
             continue
-        end = next((j for j in range(i + 1, len(lines)) if not lines[j][:1].isspace()), len(lines) - 1)
+        end = next((j for j in range(i + 1, len(lines)) if not lines[j][:1].isspace()),
+                   len(lines) - 1)
         if "ChildFailedError" in lines[end]:  # its report runs on to the last ==== line
             end = max(j for j in range(end, len(lines)) if j == end or lines[j].startswith("===="))
         block = "\n".join(lines[i:end + 1])

@@ -64,9 +64,10 @@ def parse_args(argv=None):
                    help="--bench: timed steps per round and path (20)")
     p.add_argument("--rounds", type=int, default=3,
                    help="--bench: p2p then RPC, this many times, so both see the same load (3)")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default=env("COURSE_BACKEND",
-                   "auto"), help="auto: NCCL if every process gets a GPU, else gloo on CPU; nccl with "
-                   "fewer GPUs: students and teachers share them (not with --bench)")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"],
+                   default=env("COURSE_BACKEND", "auto"),
+                   help="auto: NCCL if every process gets a GPU, else gloo on CPU; nccl with "
+                        "fewer GPUs: students and teachers share them (not with --bench)")
     p.add_argument("--timeout", type=float, default=float(env("COURSE_TIMEOUT", "60")),
                    help="seconds a collective in a role's world may wait (60)")
     p.add_argument("--rpc-timeout", type=float, default=30.0,
@@ -77,7 +78,8 @@ def parse_args(argv=None):
                         "core per process) or TCP on loopback; auto: uv on CPU, shm on GPUs")
     for flag, world in (("student", "the students' world"), ("teacher", "the teachers' world"),
                         ("rpc", "the RPC world's rendezvous")):
-        p.add_argument(f"--{flag}-port", type=int, default=0, help=f"{world}'s port (0: a free one)")
+        p.add_argument(f"--{flag}-port", type=int, default=0,
+                       help=f"{world}'s port (0: a free one)")
     p.add_argument("--start", choices=["fork", "spawn"], default="fork",
                    help="how the launcher starts processes: fork (fast; the default) or spawn")
     p.add_argument("--fault", choices=["none", "absent", "dies", "hangs"], default="none",

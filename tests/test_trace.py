@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import LESSONS, ROOT, lesson_ids, run_ranks, text
+from conftest import LESSONS, lesson_ids, run_ranks, text
 from lessons import trace
 
 # A known pattern: 4 ranks, an all_reduce of 64 Ki floats, then a ring of sends on a pair group

@@ -36,7 +36,7 @@ def main():
         right, left = (ctx.rank + 1) % ctx.world_size, (ctx.rank - 1) % ctx.world_size
         mine = torch.full((4,), float(ctx.rank), device=ctx.device)
         theirs = torch.empty(4, device=ctx.device)
-        with explain(f"every rank is in send() to its right-hand neighbour, and none has "
+        with explain("every rank is in send() to its right-hand neighbour, and none has "
                      "reached recv(): each send waits for a recv that never comes"):
             dist.send(mine, right)  # the mistake: everybody sends first...
             dist.recv(theirs, left)  # ...so nobody gets here
