@@ -76,14 +76,15 @@ class CheckFailed(RuntimeError):
 def check_loss_fell(losses: list, args):
     """Rank 0: the students' mean loss fell over the run (the first loss is taken before any
     step, so one step proves nothing)."""
-    if len(losses) > 1 and not losses[-1] < losses[0]:
+    if len(losses) < 2:
+        return
+    if not losses[-1] < losses[0]:
         raise CheckFailed(f"the students' mean loss did not fall in {args.steps} steps: "
                           f"{losses[0]:.4f} -> {losses[-1]:.4f}. Their step size may be too "
                           f"large for --size {args.size}: try a smaller --lr than {args.lr:g}, "
                           "or more --steps")
-    if len(losses) > 1:
-        print0(f"checked: mean student loss fell from {losses[0]:.4f} to {losses[-1]:.4f} in "
-               f"{args.steps} steps")
+    print0(f"checked: mean student loss fell from {losses[0]:.4f} to {losses[-1]:.4f} in "
+           f"{args.steps} steps")
 
 
 def plot_losses(curves: dict, path: Path, title: str):

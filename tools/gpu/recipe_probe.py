@@ -65,5 +65,6 @@ def main():
         print(f"teacher lr {lr:g} warm-up {warmup}: {curve(losses)} "
               f"({time.perf_counter() - start:.1f} s)", flush=True)
 
+
 if __name__ == "__main__":
     main()
