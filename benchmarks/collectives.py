@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lessons.launcher import ROOT, launch  # bounded runs, output in rank order
+from course.launcher import ROOT, launch  # bounded runs, output in rank order
 
 LESSON = ROOT / "lessons" / "03_collectives.py"
 # (column, NCCL_ALGO or None for NCCL's choice, collectives to time). Broadcast has no tree in

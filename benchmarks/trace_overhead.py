@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file: lessons is importable from the checkout too
 
-from lessons import launcher  # noqa: E402  (bounded runs, no process left behind)
+from course import launcher  # noqa: E402  (bounded runs, no process left behind)
 
 MODES = {"plain": [], "--trace": ["--trace"], "--debug": ["--debug"]}  # --trace gets a folder
 SIZES = {"1 KiB": 256, "4 MiB": 1 << 20}  # float32 elements per all_reduce
@@ -40,7 +40,7 @@ def run(target, nproc, args, folder):
                  + "\n".join(result.lines + result.stuck))
     if "--trace" in args and not (Path(folder) / "trace.json").is_file():
         sys.exit(f"{target} ignored --trace: no {folder}/trace.json "
-                 "(does it use lessons.common.setup?)")
+                 "(does it use course.ranks.setup?)")
     return result
 
 
@@ -49,7 +49,7 @@ def worker():
     import torch
     import torch.distributed as dist
 
-    from lessons.common import parser, print0, setup
+    from course.ranks import parser, print0, setup
 
     p = parser(__doc__)
     p.add_argument("--worker", action="store_true")

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lessons.common import AT_LEAST_2, parser, print0, setup
-from lessons.launcher import ROOT, lesson_path
+from course.ranks import AT_LEAST_2, parser, print0, setup
+from course.launcher import ROOT, lesson_path
 from weight_sync.control import engine_client
 from weight_sync.engine import POLL_S, serve_engine
 from weight_sync.model import PRESETS, forward, llama_specs, make_weights, one_weight

@@ -18,7 +18,7 @@ What you should see
     with --bench, 06_demo_bench.png and 06_demo_bench_timeline.png.
 Modules: models.py, data.py (importable on their own), knowledge.py (what is sent, the losses),
 comms.py (who talks to whom, the protocol), train.py (the steps), bench.py, report.py.
-Setup and printing come from lessons/common.py.
+Setup and printing come from course/ranks.py.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell
     plot_timelines
 from distill_demo.train import RECIPES, Run, Session, new_student, prepare_teacher, \
     student_session, teacher_session
-from lessons.common import parser, print0, print_rank, setup, usage_error
+from course.ranks import parser, print0, print_rank, setup, usage_error
 
 TIMELINE_STEPS = 3  # the last steps of a run go on the timeline
 

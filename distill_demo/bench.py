@@ -16,7 +16,7 @@ from distill_demo.knowledge import MODES
 from distill_demo.report import plot_bench, plot_timelines
 from distill_demo.train import Run, Session, new_student, prepare_teacher, student_session, \
     teacher_session
-from lessons.common import print0
+from course.ranks import print0
 
 TIMELINE_STEPS = 2  # recorded after the timed ones (recording synchronizes, so is not timed)
 BATCHES = 4  # distinct batches, made before timing and reused: data costs nothing in the table

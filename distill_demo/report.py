@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lessons.common import print0
+from course.ranks import print0
 
 # Phase names -> what kind of time it is, for the timeline's colours.
 KINDS = {"forward": "compute", "loss+backward": "compute", "optimizer": "compute",

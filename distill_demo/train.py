@@ -23,7 +23,7 @@ from distill_demo.data import MarkovData
 from distill_demo.knowledge import student_loss, teacher_message
 from distill_demo.models import make_student, make_teacher
 from distill_demo.report import Timeline
-from lessons.common import print_rank
+from course.ranks import print_rank
 
 PRETRAIN_SHARD = 1_000_000  # the teacher's own data: never a student's shard
 

@@ -27,7 +27,7 @@ What you should see (4 ranks, no GPU; host, pid and port are yours)
     [rank 0] checked: all_reduce(SUM) of rank+1 on 4 ranks = 10, the formula 4*5/2 gives 10
     [rank 0] checked: seeded weights are identical on all 4 ranks (unseeded they differ)
     [rank 0] rank local_rank node host ... pid device      <- one row per rank, gathered to rank 0
-This lesson writes its setup out in full. Later lessons call lessons/common.py for it.
+This lesson writes its setup out in full. Later lessons call course/ranks.py for it.
 """
 import datetime
 import os
@@ -36,8 +36,8 @@ import socket
 import torch
 import torch.distributed as dist
 
-from lessons import trace
-from lessons.common import parser, print0, print_rank, relaunch, usage_error
+from course import trace
+from course.ranks import parser, print0, print_rank, relaunch, usage_error
 
 SEED = 1234  # every rank seeds with the same number, so every rank builds the same weights
 # What torchrun puts in each rank's environment (GROUP_RANK is the node's index).

@@ -29,14 +29,14 @@ What you should see (4 ranks, no GPU)
     [rank 0] checked: a CPU tensor summed on the gloo group = 60, ... (backends: pairs gloo, ...)
     [rank 0] checked: one group, two messages: the first recv posted got the first message ...
     [rank 0] checked: two groups, two channels: each message reached its own buffer ...
-On GPUs the pair groups are NCCL and the CPU group gloo. Setup comes from lessons/common.py.
+On GPUs the pair groups are NCCL and the CPU group gloo. Setup comes from course/ranks.py.
 """
 import datetime
 
 import torch
 import torch.distributed as dist
 
-from lessons.common import EVEN, parser, print0, print_rank, setup, usage_error
+from course.ranks import EVEN, parser, print0, print_rank, setup, usage_error
 
 NEEDS = EVEN  # the lesson pairs ranks up: 0-1, 2-3, ...
 # --broken: how long a group may take to connect before it fails. gloo retries the connection
@@ -223,7 +223,7 @@ def main():
                    help="break the rule on purpose: ranks create groups in different orders, "
                         "or only members call new_group. Fails in ~10 s and explains.")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:  # init, backend, device and teardown: lessons/common.py
+    with setup(args, NEEDS) as ctx:  # init, backend, device and teardown: course/ranks.py
         if args.broken:
             break_the_rule(ctx, args.broken, args.debug)
         timeout = datetime.timedelta(seconds=args.timeout)

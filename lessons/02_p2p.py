@@ -29,7 +29,7 @@ What you should see (4 ranks, no GPU)
     [rank 0]    0  [0, 3, 2, 1]              <- one row per rank, gathered to rank 0
     [rank 0] checked: in a ring of 4 ranks every rank has seen every rank's tensor ...
 Ranks pair up 0-1, 2-3, ...; with an odd number the last rank sits out the pair steps and only
-joins the ring. Setup comes from lessons/common.py.
+joins the ring. Setup comes from course/ranks.py.
 """
 import datetime
 import math
@@ -37,7 +37,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from lessons.common import AT_LEAST_2, parser, print0, print_rank, setup
+from course.ranks import AT_LEAST_2, parser, print0, print_rank, setup
 
 NEEDS = AT_LEAST_2
 COLS = 3  # the handshake demo sends (rows, COLS) batches; only the sender knows `rows`
@@ -324,7 +324,7 @@ def main():
     p.add_argument("--broken", choices=["deadlock"],
                    help="deadlock: both ranks of each pair send first (fails in ~2 s, explains)")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:  # init, backend, device and teardown: lessons/common.py
+    with setup(args, NEEDS) as ctx:  # init, backend, device and teardown: course/ranks.py
         partner = partner_of(ctx.rank, ctx.world_size)
         if args.broken:
             send_send_deadlock(ctx, partner)

@@ -26,7 +26,7 @@ once) and, on GPU, what the CUDA allocator handed out (torch.cuda.memory_allocat
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print0, print_table0, setup
+from course.ranks import parser, print0, print_table0, setup
 
 SEED = 0  # the tensor rank 0 sends is drawn from this seed; every rank can redraw it to check
 ROWS, COLS = 1000, 1000  # float32: 4 MB. Rows are cut among the ranks
@@ -192,7 +192,7 @@ EXERCISES = {"04.1": (check_shard_rows, "shard_rows", "unshard_rows")}
 
 def main():
     args = parser(__doc__).parse_args()
-    with setup(args) as ctx:  # lessons/common.py: rank, device, init, teardown; any world size
+    with setup(args) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
         reference = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(SEED))
         piece, padded = scatter_vs_broadcast(ctx, reference)
         gather_back(ctx, piece, padded)

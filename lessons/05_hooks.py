@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print0, setup
+from course.ranks import parser, print0, setup
 
 SEED = 0  # every rank builds the same model and draws the same batches from this seed
 WIDTH, DEPTH = 256, 4  # the model: DEPTH Linear(WIDTH, WIDTH) layers, tanh between them
@@ -336,7 +336,7 @@ EXERCISES = {"05.1": (check_bucketed_ddp, "bucketed_ddp")}
 
 def main():
     args = parser(__doc__).parse_args()
-    with setup(args) as ctx:  # lessons/common.py: rank, device, init, teardown; any world size
+    with setup(args) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
         fired, grad = hook_order(ctx.device)
         print0("hooks on y = w * x, in the order they fired, and w.grad at that moment:\n"
                + "\n".join(f"  {hook:<40} w.grad {grad_then}" for hook, grad_then in fired))

@@ -30,7 +30,7 @@ What you should see (4 ranks, no GPU)
     [rank 0] checked: losses and weights match one process training on every student's batch ...
     [rank 0] checked: each teacher answered 30 requests and stopped on the stop message
 distill_demo/ grows this into a trainer with transformer models and three ways to ship the
-teacher's knowledge. Setup and printing come from lessons/common.py (lesson 00 writes them out).
+teacher's knowledge. Setup and printing come from course/ranks.py (lesson 00 writes them out).
 """
 import contextlib
 
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lessons.common import EVEN, parser, print0, print_rank, setup, usage_error
+from course.ranks import EVEN, parser, print0, print_rank, setup, usage_error
 
 NEEDS = EVEN  # one teacher per student: an odd world size is refused before any collective
 

@@ -24,7 +24,7 @@ What you should see (4 ranks, no GPU; pids, ports and timings are yours)
     [rank 0] checked: a forked child inherits memory and the group's bookkeeping, a spawned ...
     [rank 0]     rank 1  torch.multiprocessing.spawn      0      2  [1, 1]                30
     [rank 0] GIL: one pure-Python loop 4 times: in 1 thread 0.40 s, in 4 threads 0.41 s, ...
-Rank setup comes from lessons/common.py (lesson 00 writes it out); starting children is this lesson.
+Rank setup comes from course/ranks.py (lesson 00 writes it out); starting children is this lesson.
 """
 import importlib
 import multiprocessing
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from lessons.common import EVEN, parser, print0, setup, usage_error
+from course.ranks import EVEN, parser, print0, setup, usage_error
 
 NEEDS = EVEN  # the exercise splits the ranks into two roles of equal size
 CHILDREN = 2  # children in each demonstration world; each spawned one pays for `import torch`

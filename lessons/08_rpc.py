@@ -26,7 +26,7 @@ What you should see (4 ranks, no GPU; timings are yours)
     [rank 0] checked: rpc_async, with the student's forward in between, gives the same losses
     [rank 0] device_maps: skipped (gloo on CPU). ...
     [rank 0] student0: rpc_async returned in 0.52 ms; when the student's forward was done, ...
-Rank setup comes from lessons/common.py (lesson 00 writes it out); RPC is this lesson.
+Rank setup comes from course/ranks.py (lesson 00 writes it out); RPC is this lesson.
 """
 import importlib
 import math
@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
-from lessons.common import EVEN, parser, print0, print_rank, setup, usage_error
+from course.ranks import EVEN, parser, print0, print_rank, setup, usage_error
 
 NEEDS = EVEN  # half students, half teachers: student i asks teacher i
 SEED = 0  # teacher and student weights, and each student's batches, come from it

@@ -37,7 +37,7 @@ What you should see (4 ranks, no GPU; timings and the port are yours)
              slice 1441.5 kB, each rank only its shard 483.1 kB
 
 The engine (model, TP forward, control plane, staging, groups built from a store) is the
-package weight_sync/; this file reads without it. Setup comes from lessons/common.py:
+package weight_sync/; this file reads without it. Setup comes from course/ranks.py:
 torchrun's world only starts everybody, then each role builds its own (lesson 07).
 """
 import statistics
@@ -46,7 +46,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lessons.common import AT_LEAST_2, parser, print0, setup
+from course.ranks import AT_LEAST_2, parser, print0, setup
 # the engine's side, not the lesson; checksum_pieces and shard_of: for exercise 09.1
 from weight_sync.control import EngineError, engine_client
 from weight_sync.engine import POLL_S, serve_engine

@@ -127,7 +127,7 @@ def validate(args):
 
 def main(argv=None):
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: every rank says it, then exits
-        from lessons.common import usage_error
+        from course.ranks import usage_error
         usage_error("rpc_demo starts its own processes (two worlds, and RPC between them): run "
                     "python -m rpc_demo [--students S --teachers T], not under torchrun")
     args = parse_args(argv)

@@ -25,7 +25,7 @@ from distill_demo.comms import Channel, count, make_groups
 from distill_demo.report import plot_timelines
 from distill_demo.train import Session, new_student, prepare_teacher, student_session, \
     teacher_session
-from lessons.common import print0
+from course.ranks import print0
 from rpc_demo.roles import student_role, teacher_role
 from rpc_demo.worlds import role_world, worker_name
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from distill_demo.train import new_student
-from lessons.common import print_rank
+from course.ranks import print_rank
 from rpc_demo.student import cpu_now, idle_cpu, stop_teachers, student_session, teacher_events
 from rpc_demo.teacher import Serving, install, prepare, serve
 from rpc_demo.worlds import IN_WORLD, PREPARING, cuda_maps, role_world, rpc_world, worker_name

@@ -23,7 +23,7 @@ from distill_demo.models import SIZES
 from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_losses, \
     plot_timelines
 from distill_demo.train import Run, Session
-from lessons.common import print0, print_rank
+from course.ranks import print0, print_rank
 from rpc_demo import bench
 from rpc_demo.roles import student_role, teacher_role
 from rpc_demo.student import reference_training
@@ -37,7 +37,7 @@ def run_worker(rank, args, backend, ports, roll):
     os.environ["RANK"] = str(rank)  # print_rank writes "[rank N]" from it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the launcher, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the launcher's handler, inherited by fork
-    if "COURSE_STACK_DIR" in os.environ:  # under lessons.launcher: say where we were if stopped
+    if "COURSE_STACK_DIR" in os.environ:  # under course.launcher: say where we were if stopped
         stacks = open(Path(os.environ["COURSE_STACK_DIR"]) / f"rank{rank}.{os.getpid()}.txt",
                       "w")  # open for the process's lifetime
         faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
-from lessons.common import print_rank
+from course.ranks import print_rank
 
 # A process's stage, in its slot of the roll (a multiprocessing array shared by the launcher).
 STAGES = ("not started", "starting", "joining a process group", "in a process group",

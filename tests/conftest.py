@@ -1,4 +1,4 @@
-"""Shared test helpers. Every multi-process run goes through lessons.launcher, so it is bounded
+"""Shared test helpers. Every multi-process run goes through course.launcher, so it is bounded
 in time, its output comes back in rank order, and it reports any process it left behind."""
 import socket
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from lessons.launcher import ROOT, launch, run_command
+from course.launcher import ROOT, launch, run_command
 
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
 PROGRAMS = ROOT / "tests" / "programs"

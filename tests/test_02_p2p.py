@@ -23,7 +23,7 @@ def test_send_send_deadlock_fails_by_itself_and_explains():
 # its own group, so one that went wrong cannot disturb the next; every rank prints what it got.
 PROGRAM = '''
 import datetime, runpy, torch, torch.distributed as dist
-from lessons.common import parser, print_rank, setup
+from course.ranks import parser, print_rank, setup
 ns = runpy.run_path("lessons/02_p2p.py")  # the lesson's namespace, without running main()
 exec(compile(open("solutions/02_p2p.py").read(), "solutions/02_p2p.py", "exec"), ns)
 TENSOR, HEADER = ns["TENSOR"], ns["HEADER"]

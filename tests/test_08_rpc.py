@@ -8,7 +8,7 @@ import socket
 import sys
 
 from conftest import ROOT, free_port, run_ranks, text
-from lessons import launcher
+from course import launcher
 
 LESSON = ROOT / "lessons" / "08_rpc.py"
 rpc_lesson = importlib.import_module("lessons.08_rpc")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_python, run_ranks, text
-from lessons.check import run_check, solution_file
+from course.check import run_check, solution_file
 
 THIS = Path(__file__).resolve()
 ENGINE_TIMEOUT_S = 8  # the engine's waits; the trainer's are longer: the engine answers first

@@ -116,7 +116,7 @@ def test_the_agreement_check_passes_when_the_ranks_agree(tmp_path):
     program = tmp_path / "agree.py"
     program.write_text(
         "from lessons.broken import same_on_every_rank\n"
-        "from lessons.common import parser, print_rank, setup\n"
+        "from course.ranks import parser, print_rank, setup\n"
         "with setup(parser('').parse_args()) as ctx:\n"
         "    same_on_every_rank('the groups', [[0, 1], [2, 3]])\n"
         "    print_rank('agreed')\n")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, reference_student, run_ranks, text
-from lessons import launcher
+from course import launcher
 
 sys.path.insert(0, str(ROOT))  # the package lives at the repository root
 from distill_demo.__main__ import parse_args, validate  # noqa: E402

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import LESSONS, ROOT, lesson_ids
-from lessons.check import exercises_of, run_check, solution_file
+from course.check import exercises_of, run_check, solution_file
 
 WITH_EXERCISES = [path for path in LESSONS if exercises_of(path.stem[:2])]
 WRONG = ROOT / "tests" / "wrong"

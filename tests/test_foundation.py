@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import PROGRAMS, ROOT, free_port, run_python, run_ranks, text
-from lessons import common, launcher
+from course import launcher, ranks
 
 HELLO = ROOT / "lessons" / "00_hello.py"
 
@@ -26,9 +26,9 @@ def test_print_rank_writes_each_message_in_one_call(monkeypatch):
     fake.write = lambda s: writes.append(s) or len(s)
     monkeypatch.setattr(sys, "stdout", fake)
     monkeypatch.setenv("RANK", "3")
-    common.print_rank("two", "lines\nhere")
+    ranks.print_rank("two", "lines\nhere")
     assert writes == ["[rank 3] two lines\n[rank 3] here\n"]
-    common.print0("only rank 0 prints this")
+    ranks.print0("only rank 0 prints this")
     assert len(writes) == 1
 
 
@@ -42,7 +42,7 @@ def test_backend_follows_the_hardware(monkeypatch, capsys, gpus, local_ranks, ex
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setenv("RANK", "0")
-    backend, device = common._choose_backend("auto", 1, local_ranks)
+    backend, device = ranks._choose_backend("auto", 1, local_ranks)
     out = capsys.readouterr().out
     assert backend == expected[0]
     assert device == (torch.device("cuda", 1) if backend == "nccl" else torch.device("cpu"))
@@ -131,7 +131,7 @@ def test_run_lesson_prints_in_rank_order_and_returns_none(capsys):
 
 
 def test_helpers_import_from_any_working_directory():
-    code = "import lessons.common, lessons.launcher, lessons.check; print('ok')"
+    code = "import course.ranks, course.launcher, course.check; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert out.stdout == "ok\n", out.stderr
 

@@ -16,8 +16,8 @@ def needs(path):
     tree = ast.parse(path.read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "NEEDS":
-            from lessons import common
-            return getattr(common, node.value.id)
+            from course import ranks
+            return getattr(ranks, node.value.id)
     return None
 
 

@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
 from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
-from lessons import launcher
+from course import launcher
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_notebooks  # noqa: E402
@@ -70,7 +70,7 @@ def test_an_interrupted_cell_leaves_no_rank_behind():
     """nbval interrupts a cell that runs past --nbval-cell-timeout; the ranks must go too."""
     tag = f"COURSE_NOTEBOOK_TEST_{os.getpid()}"
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "from lessons.launcher import run_lesson\n"
+        "from course.launcher import run_lesson\n"
         f"run_lesson({str(PROGRAMS / 'hang.py')!r}, nproc=4, timeout=300, env={{{tag!r}: '1'}})")])
     client = NotebookClient(nb, timeout=20, kernel_name="python3", interrupt_on_timeout=True,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})

@@ -1,7 +1,7 @@
 """rpc_demo: distillation over RPC, students and teachers in worlds of their own. Its students'
 weights against a single process, its benchmark (both paths, the same losses), and its bad
 inputs: a teacher that never joins, dies or hangs; a port in use; CUDA initialised before fork;
-torchrun. Every run goes through lessons.launcher (bounded; no process may outlive it)."""
+torchrun. Every run goes through course.launcher (bounded; no process may outlive it)."""
 import multiprocessing
 import re
 import socket
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, reference_student, run_ranks, text
-from lessons import launcher
+from course import launcher
 
 sys.path.insert(0, str(ROOT))  # the packages live at the repository root
 from rpc_demo.__main__ import main, parse_args, validate  # noqa: E402
@@ -150,7 +150,7 @@ def test_a_teacher_still_pretraining_is_waited_for_not_called_absent(tmp_path):
 
 
 def test_stopping_the_launcher_stops_every_process_and_says_where_they_were(tmp_path):
-    """SIGTERM to the launcher (what lessons.launcher sends at its timeout): no process left,
+    """SIGTERM to the launcher (what course.launcher sends at its timeout): no process left,
     and each one's stack says where it was."""
     result = launcher.run_command([sys.executable, "-m", "rpc_demo", "--steps", "100000",
                                    "--teacher-steps", "0", "--out", str(tmp_path)], 25, ENV,

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from conftest import LESSONS, lesson_ids, run_ranks, text
-from lessons import trace
+from course import trace
 
 # A known pattern: 4 ranks, an all_reduce of 64 Ki floats, then a ring of sends on a pair group
 # whose group ranks differ from the global ranks (so the merge has to find the real peers).
 PROGRAM = '''
 import torch, torch.distributed as dist
-from lessons.common import parser, print0, setup
+from course.ranks import parser, print0, setup
 with setup(parser("").parse_args()) as ctx:
     x = torch.ones(1 << 16)
     with torch.profiler.record_function("my step"):
@@ -84,7 +84,7 @@ def test_every_send_is_joined_to_the_recv_that_took_it(traced):
 def test_merging_again_from_the_files_with_a_window(traced, tmp_path):
     _, out = traced
     png = tmp_path / "zoom.png"
-    done = subprocess.run([sys.executable, "-m", "lessons.trace", str(out), "--window", "0:5",
+    done = subprocess.run([sys.executable, "-m", "course.trace", str(out), "--window", "0:5",
                            "--png", str(png), "--title", "zoomed"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -93,7 +93,7 @@ def test_merging_again_from_the_files_with_a_window(traced, tmp_path):
 
 
 def test_merging_a_folder_without_traces_is_a_clear_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "lessons.trace", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "course.trace", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"no rank*.json in {tmp_path}: run a lesson with --trace {tmp_path} first" in done.stderr

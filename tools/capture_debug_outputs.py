@@ -9,11 +9,11 @@
 
 broken: every command under "Run it" in every lessons/broken/ program, plus lesson 06 on 3 ranks
 and the send/send deadlock with a long timeout (stopped by the launcher), on gloo. Each output
-goes to docs/outputs/broken_<name>[_<n>].txt as lessons.launcher prints it: the command, then
+goes to docs/outputs/broken_<name>[_<n>].txt as course.launcher prints it: the command, then
 the ranks' lines in rank order (torchrun's own log lines left out), paths made relative.
 traces: lessons 02, 05, 06 and 09, and the reference solutions of exercises 02.2, 05.1 and
 09.1 (through `COURSE_TRACE=DIR python -m lessons.check ID --solution`), with --trace on 2 or 4
-gloo ranks; each timeline redrawn (lessons.trace.merge) zoomed on the part the docs talk about.
+gloo ranks; each timeline redrawn (course.trace.merge) zoomed on the part the docs talk about.
 overhead: benchmarks/trace_overhead.py's output.
 troubles: for docs/troubleshooting.md, lesson 00 told to meet on a port that is already taken,
 and told to use NCCL on a machine without enough GPUs.
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lessons import launcher, trace  # noqa: E402
+from course import launcher, trace  # noqa: E402
 from lessons.broken import documented_runs  # noqa: E402
 
 OUTPUTS, FIGURES = ROOT / "docs" / "outputs", ROOT / "docs" / "figures"
@@ -66,7 +66,7 @@ def capture_broken():
             save(name, command, launcher.launch(path, nproc, args, timeout=120, env=GLOO))
     deadlock = ROOT / "lessons" / "broken" / "send_send_deadlock.py"
     save("broken_send_send_deadlock_stopped",
-         'python -c \'from lessons.launcher import run_lesson; run_lesson("lessons/broken/'
+         'python -c \'from course.launcher import run_lesson; run_lesson("lessons/broken/'
          'send_send_deadlock.py", 2, ["--timeout", "600"], timeout=20)\'',
          launcher.launch(deadlock, 2, ["--timeout", "600"], timeout=20, env=GLOO))
     save("broken_odd_world_size", "torchrun --nproc-per-node 3 lessons/06_distill.py",
@@ -150,7 +150,7 @@ def capture_traces(only=None):
 
 
 def capture_overhead():
-    """Every run inside the benchmark is bounded by lessons.launcher, so no timeout here."""
+    """Every run inside the benchmark is bounded by course.launcher, so no timeout here."""
     done = subprocess.run([sys.executable, "benchmarks/trace_overhead.py"], cwd=ROOT, check=True,
                           capture_output=True, text=True)
     text = "$ python benchmarks/trace_overhead.py\n" + done.stdout

@@ -5,7 +5,7 @@
     python tools/make_notebooks.py --check      # exit 1 if a committed notebook is stale
 
 A notebook holds: the lesson's docstring as its narrative; a cell that runs the lesson on 4 ranks
-through lessons.launcher.run_lesson (torchrun in a subprocess: the kernel never forks or touches
+through course.launcher.run_lesson (torchrun in a subprocess: the kernel never forks or touches
 CUDA); the figures that run saved; then, per exercise, the stub from the lesson's marked region
 for the learner to edit and a cell that checks it on 4 ranks.
 
@@ -30,7 +30,7 @@ CELL_TIMEOUT_S = 600  # generous: run_lesson's own timeout (300 s) stops a stuck
 # Extra runs a notebook shows after the plain one, e.g. a small benchmark that draws a figure.
 EXTRA_RUNS = {"03_collectives": [["--bench"]]}
 SETUP = """\
-# The ranks run in torchrun subprocesses, started by lessons/launcher.py; this kernel only
+# The ranks run in torchrun subprocesses, started by course/launcher.py; this kernel only
 # prints what they said, in rank order. Type hints in the exercise cells are not evaluated here.
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from IPython.display import Image, display
 
-from lessons.check import check
-from lessons.launcher import run_lesson"""
+from course.check import check
+from course.launcher import run_lesson"""
 
 
 def docstring_to_markdown(doc):

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lessons.common import print_rank
+from course.ranks import print_rank
 from weight_sync.control import Heartbeat, Refused, parse_dtype
 from weight_sync.fast_path import FastPath
 from weight_sync.groups import (_sessions, listening_store, make_group, seconds, store_client,

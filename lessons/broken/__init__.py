@@ -18,7 +18,7 @@ import re
 
 import torch.distributed as dist
 
-from lessons.common import print_rank
+from course.ranks import print_rank
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ The fix
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print_rank, setup
+from course.ranks import parser, print_rank, setup
 
 
 # --8<-- [start:main]

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.broken import explain, same_on_every_rank
-from lessons.common import parser, print_rank, setup
+from course.ranks import parser, print_rank, setup
 
 NEEDS = ("exactly 4 ranks", lambda n: n == 4)
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.broken import explain
-from lessons.common import parser, print0, setup
+from course.ranks import parser, print0, setup
 
 BUSY_S = 0.5  # rank 1 is busy this long before it posts its recv
 VALUE = 7.0  # what rank 0 sends

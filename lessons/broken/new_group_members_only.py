@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.broken import explain, same_on_every_rank
-from lessons.common import EVEN, parser, print_rank, setup
+from course.ranks import EVEN, parser, print_rank, setup
 
 NEEDS = EVEN  # ranks pair up: [0, 1], [2, 3], ...
 

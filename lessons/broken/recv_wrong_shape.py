@@ -25,7 +25,7 @@ import faulthandler
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print_rank, setup
+from course.ranks import parser, print_rank, setup
 
 ROWS_EXPECTED, ROWS_SENT = 8, 10  # what the receiver assumes; what the sender's batch has
 

@@ -12,7 +12,7 @@ What you should see
     After the 10 s timeout both ranks fail with "Timed out waiting 10000ms for send operation
     to complete", the dist.send line of this file in their tracebacks, and a line that says
     why. --debug cannot name it sooner: DETAIL checks collectives, not send and recv. Run
-    with a long timeout (--timeout 600) under lessons.launcher (a notebook's run_lesson, the
+    with a long timeout (--timeout 600) under course.launcher (a notebook's run_lesson, the
     tests) and the launcher stops the run and prints, per rank, "in send() called at
     lessons/broken/send_send_deadlock.py:NN".
 
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.broken import explain
-from lessons.common import AT_LEAST_2, parser, print_rank, setup
+from course.ranks import AT_LEAST_2, parser, print_rank, setup
 
 NEEDS = AT_LEAST_2
 

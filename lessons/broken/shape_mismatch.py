@@ -24,7 +24,7 @@ The fix
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print0, setup
+from course.ranks import parser, print0, setup
 
 SIZE = 4  # elements in every rank's gradient, but one short on rank 1
 

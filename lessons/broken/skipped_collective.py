@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lessons.broken import explain
-from lessons.common import parser, print_rank, setup
+from course.ranks import parser, print_rank, setup
 
 BATCHES = 3  # batches per rank, and one fewer on the last rank
 EVALUATION_S = 30  # the last rank evaluates this long: far past the others' timeout

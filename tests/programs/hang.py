@@ -4,7 +4,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lessons.common import parser, print_rank, setup
+from course.ranks import parser, print_rank, setup
 
 with setup(parser(__doc__).parse_args()) as ctx:
     print_rank("before the all_reduce")

@@ -1,9 +1,9 @@
 """See what the ranks did: record every rank with torch.profiler, merge the ranks into one timeline.
 
     torchrun --nproc-per-node 4 lessons/03_collectives.py --trace out/trace03
-    python -m lessons.trace out/trace03 --window 120:180   # merge again, zoomed to 120-180 ms
+    python -m course.trace out/trace03 --window 120:180   # merge again, zoomed to 120-180 ms
 
-`--trace DIR` (any lesson that uses lessons.common.setup) runs the lesson's `with` block under
+`--trace DIR` (any lesson that uses course.ranks.setup) runs the lesson's `with` block under
 torch.profiler on every rank: CPU activity on gloo, CPU and CUDA on NCCL. Nothing is patched:
 the collectives appear as the backends report them to the profiler, gloo as `gloo:all_reduce`
 ranges with the tensor's shape and dtype, NCCL as its GPU kernels and `record_param_comms`

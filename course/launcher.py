@@ -138,7 +138,7 @@ def _where_stuck(folder):
         threads = path.read_text().split("\n\n")
         main = next((t for t in threads if "in <module>" in t), threads[0])
         frames = re.findall(r'File "(.+)", line (\d+) in (\S+)', main)  # innermost first
-        ours = [f for f in frames if "/torch/" not in f[0] and not f[0].endswith("common.py")]
+        ours = [f for f in frames if "/torch/" not in f[0] and not f[0].endswith("ranks.py")]
         if frames and ours:
             file, line, _ = ours[0]
             code = linecache.getline(file, int(line)).strip()

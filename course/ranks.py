@@ -4,7 +4,7 @@
 - print_rank / print0: each line prefixed "[rank N]" and written in one write(), never torn
 - needs: the world sizes a lesson can use, checked on every rank before any collective
 - self-launch: `python lessons/NN_topic.py [--nproc N]` re-runs itself under torchrun
-Starting ranks from outside (notebooks, tests, exercise checks) is lessons/launcher.py.
+Starting ranks from outside (notebooks, tests, exercise checks) is course/launcher.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ EVEN = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2 == 0)
 AT_LEAST_2 = ("at least 2 ranks", lambda n: n >= 2)
 
 
-# Started by lessons.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
+# Started by course.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
 # stack in a file, so the launcher can say where each rank was stuck.
 if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ and hasattr(faulthandler, "register"):
     _stack_path = f"rank{os.environ['RANK']}.{os.getpid()}.txt"
@@ -128,7 +128,7 @@ def setup(args, needs=None):
     try:
         if backend == "nccl":  # create the communicator now, not inside the first timed collective
             dist.barrier(device_ids=[local_rank])
-        from lessons import trace  # --trace DIR: profile the block, merge the ranks on rank 0
+        from course import trace  # --trace DIR: profile the block, merge the ranks on rank 0
         with trace.recording(args.trace):
             yield Rank(rank, local_rank, world_size, backend, device, timeout)
     finally:
