@@ -5,168 +5,204 @@
     python -m lessons.check 00.1 --file mine.py
     check("00.1", mean_over_ranks)            # in a notebook: your function, on 4 ranks
 
-A lesson lists its exercises as EXERCISES = {id: (check function, names of the functions you
-write)}. The check function runs on every rank, calls your functions and returns
-(yours, expected); expected comes from a single-process computation, never from collectives.
-Your code runs in the lesson's namespace, so torch, dist and the lesson's helpers are in scope.
+The stubs you fill in are in the lesson; their checks are in exercises/NN_topic.py, which lists
+them as EXERCISES = {id: (check function, names of the functions you write)}. A check runs on
+every rank, calls your functions and returns (yours, expected); expected comes from a
+single-process computation, never from collectives. Your code runs in the lesson's namespace,
+so torch, dist and the lesson's helpers are in scope. Each rank writes its verdicts as JSON
+into a folder of the run; the runner reads them back from there, not from what was printed.
 """
+
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import inspect
+import json
+import os
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 from course import launcher
 
 TIMEOUT_S = 120  # the whole check, start-up included; a stuck exercise is stopped after this
 COLLECTIVE_TIMEOUT_S = "20"  # a collective in your code that waits this long fails instead
-VERDICTS = ("PASS", "MISMATCH", "NOT ATTEMPTED")  # what each rank says of each exercise
+EXERCISES = launcher.ROOT / "exercises"
+SOLUTIONS = launcher.ROOT / "solutions"
 
 
-def lesson_file(exercise):
+def lesson_file(exercise: str) -> Path:
     """"02.1" or "02" -> lessons/02_p2p.py"""
     return launcher.lesson_path(exercise.split(".")[0] + "_")
 
 
-def solution_file(exercise):
-    return launcher.ROOT / "solutions" / lesson_file(exercise).name
+def exercise_file(exercise: str) -> Path:
+    """"02.1" or "02" -> exercises/02_p2p.py, the lesson's checks"""
+    return EXERCISES / lesson_file(exercise).name
 
 
-def exercises_of(lesson):
-    """The exercise ids a lesson defines, read without importing it (no torch in the kernel)."""
-    import ast
+def solution_file(exercise: str) -> Path:
+    return SOLUTIONS / lesson_file(exercise).name
 
-    tree = ast.parse(lesson_file(lesson).read_text())
-    found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Assign)
+
+def exercises_of(lesson: str) -> list[str]:
+    """The exercise ids of a lesson, read without importing anything (no torch in the kernel)."""
+    path = exercise_file(lesson)
+    if not path.is_file():
+        return []
+    found = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Assign)
              and any(getattr(t, "id", "") == "EXERCISES" for t in n.targets)]
     return [key.value for key in found[0].keys] if found else []
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location(f"lesson_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines things; the lesson's main() does not run
-    return module
+def load(path: Path) -> ModuleType:
+    """Import a file by path once per process (lesson names start with a digit)."""
+    name = f"{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # defines things; the lesson's main() does not run
+    return sys.modules[name]
 
 
-def _differences(yours, expected, name="result"):
+def lesson_module(exercise: str) -> ModuleType:
+    """The lesson, as its checks see it: exercises/NN_topic.py calls this for its helpers."""
+    return load(lesson_file(exercise))
+
+
+def _summary(yours, expected) -> str:
+    """What is wrong, in a few lines: shapes, the first differing entries, an obvious relation."""
+    import torch
+
+    if not (isinstance(yours, torch.Tensor) and isinstance(expected, torch.Tensor)):
+        return f"yours:    {yours!r}"[:300] + f"\n    expected: {expected!r}"[:300]
+    if yours.shape != expected.shape or yours.dtype != expected.dtype:
+        return (f"yours:    shape {tuple(yours.shape)} {yours.dtype}\n"
+                f"    expected: shape {tuple(expected.shape)} {expected.dtype}")
+    a, b = yours.flatten().double(), expected.flatten().double()
+    bad = (~torch.isclose(a, b, rtol=1.3e-6, atol=1e-5)).nonzero().flatten()
+    shown = "; ".join(f"[{i}] yours {a[i].item():.6g}, expected {b[i].item():.6g}"
+                      for i in bad[:3].tolist())
+    lines = [f"{len(bad)} of {a.numel()} entries differ (flat index): {shown}"]
+    nonzero = b.abs() > 1e-12
+    if nonzero.any():
+        ratios = a[nonzero] / b[nonzero]
+        if torch.allclose(ratios, ratios[:1].expand_as(ratios), rtol=1e-4) and ratios[0] != 1:
+            lines.append(f"yours = {ratios[0].item():.4g} x expected everywhere")
+    return "\n    ".join(lines)
+
+
+def differences(yours, expected, name: str = "result") -> list[str]:
     """Lines saying where yours and expected differ (per entry of a dict); [] if they match."""
     import torch  # here, not at the top: a notebook kernel that only launches checks needs no torch
 
     if isinstance(yours, torch.Tensor):
         yours = yours.detach().cpu()
     if isinstance(expected, dict) and isinstance(yours, dict) and yours.keys() == expected.keys():
-        return [line for key in expected for line in _differences(yours[key], expected[key], key)]
-    try:
-        torch.testing.assert_close(yours, expected, check_device=False)
-        return []
-    except (AssertionError, TypeError, ValueError) as err:
-        why = str(err).strip().split("\n")[0]
-    try:  # what assert_close cannot compare (strings, objects) may still be plainly equal
-        if not isinstance(expected, torch.Tensor) and bool(yours == expected):
+        return [line for key in expected for line in differences(yours[key], expected[key], key)]
+    if isinstance(expected, torch.Tensor) or isinstance(yours, torch.Tensor):
+        try:
+            torch.testing.assert_close(yours, expected, check_device=False)
             return []
-    except Exception:
-        pass
-    return [f"  {name}: {why}", f"    yours:    {yours}", f"    expected: {expected}"]
+        except (AssertionError, TypeError, ValueError):
+            pass
+    else:
+        try:
+            if bool(yours == expected):
+                return []
+        except Exception:
+            pass
+    return [f"  {name}:", f"    {_summary(yours, expected)}"]
 
 
-def _worker(exercises, source):
-    """One rank of a check, under torchrun: says PASS, MISMATCH or NOT ATTEMPTED per exercise."""
+def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
+    """One rank of a check, under the launcher: a verdict per exercise into verdicts/rankN.json."""
     from course import ranks
 
-    lesson = _load(lesson_file(exercises[0]))
+    lesson = lesson_module(exercises[0])
+    checks = load(exercise_file(exercises[0])).EXERCISES
     namespace = dict(vars(lesson))
     if source:  # your version (a file or a notebook cell) replaces the lesson's stub
         exec(compile(Path(source).read_text(), source, "exec"), namespace)
+    said = {}
+    mine = verdicts / f"rank{os.environ['RANK']}.json"
     with ranks.setup(ranks.parser("").parse_args([]), getattr(lesson, "NEEDS", None)) as ctx:
-        failed = False
         for exercise in exercises:
-            check_fn, *names = lesson.EXERCISES[exercise]
+            check_fn, *names = checks[exercise]
             try:  # a stub raises on every rank alike, so the ranks stay in step and go on
                 yours, expected = check_fn(ctx, **{name: namespace[name] for name in names})
             except NotImplementedError as err:
-                ranks.print_rank(f"NOT ATTEMPTED {exercise}: {err}")
-                failed = True
-                continue
-            wrong = _differences(yours, expected)
-            ranks.print_rank(f"MISMATCH {exercise}\n" + "\n".join(wrong) if wrong
-                              else f"PASS {exercise}")
-            failed = failed or bool(wrong)
-        # Every rank has said its verdict before any exits: torchrun stops the others as soon as
-        # one rank exits non-zero, which would cut a slower rank's verdict short.
+                said[exercise] = {"verdict": "not attempted", "why": str(err)}
+            else:
+                wrong = differences(yours, expected)
+                said[exercise] = {"verdict": "mismatch" if wrong else "pass", "why": wrong}
+            mine.write_text(json.dumps(said))  # after each: a later crash keeps earlier verdicts
+        # Every rank has written its verdicts before any exits: the launcher stops the others as
+        # soon as one rank exits non-zero, which would cut a slower rank's verdict short.
         import torch.distributed as dist
 
         dist.barrier()
-    raise SystemExit(1 if failed else 0)
+    raise SystemExit(0 if all(v["verdict"] == "pass" for v in said.values()) else 1)
 
 
-def run_check(exercises, source=None, nproc=4, timeout=TIMEOUT_S):
+def run_check(exercises: list[str], source: str | Path | None = None, nproc: int = 4,
+              timeout: float = TIMEOUT_S) -> tuple[dict, list[str]]:
     """Check exercises (ids of one lesson) on `nproc` ranks in one run. `source`: a file with
-    your function(s), or None for the lesson's own. Returns ({id: status}, output lines); status
+    your function(s), or None for the lesson's own. Returns ({id: status}, report lines); status
     is "pass", "mismatch", "not attempted" or "error" (crashed, hung, or a rank said nothing)."""
-    args = ["--worker", ",".join(exercises)]
-    if source:
-        args += ["--source", str(Path(source).resolve())]
-    result = launcher.launch("course.check", nproc, args, timeout,
-                             {"COURSE_TIMEOUT": COLLECTIVE_TIMEOUT_S})
-    lines = result.lines + result.stuck
-    said = {}  # (exercise, rank) -> verdict
-    for line in lines:
-        if match := launcher.RANK_LINE.match(line):
-            verdict, _, rest = next(((v, 0, line[match.end() + len(v):]) for v in VERDICTS
-                                     if line[match.end():].startswith(v)), (None, 0, ""))
-            if verdict:
-                said[rest.split(":")[0].strip(), int(match[1])] = verdict
-    status = {}
+    with tempfile.TemporaryDirectory(prefix="course-verdicts-") as folder:
+        args = ["--worker", ",".join(exercises), "--verdicts", folder]
+        if source:
+            args += ["--source", str(Path(source).resolve())]
+        result = launcher.launch("course.check", nproc, args, timeout,
+                                 {"COURSE_TIMEOUT": COLLECTIVE_TIMEOUT_S})
+        said = {rank: json.loads(path.read_text()) for rank in range(nproc)
+                if (path := Path(folder) / f"rank{rank}.json").is_file()}
+    status, lines = {}, []
     for exercise in exercises:
-        verdicts = [said.get((exercise, rank)) for rank in range(nproc)]
-        if "NOT ATTEMPTED" in verdicts:
+        verdicts = {rank: said[rank][exercise] for rank in said if exercise in said[rank]}
+        kinds = {v["verdict"] for v in verdicts.values()}
+        if "not attempted" in kinds:
             status[exercise] = "not attempted"
-        elif None in verdicts or result.returncode not in (0, 1):
+            lines.append(next(iter(verdicts.values()))["why"])  # the stub's own words
+        elif len(verdicts) < nproc or result.returncode not in (0, 1):
             status[exercise] = "error"
+        elif kinds == {"pass"}:
+            status[exercise] = "pass"
         else:
-            status[exercise] = "pass" if set(verdicts) == {"PASS"} else "mismatch"
+            status[exercise] = "mismatch"
+            for rank, v in sorted(verdicts.items()):
+                if v["verdict"] == "mismatch":
+                    said_lines = "\n".join([f"{exercise}: yours differs from expected", *v["why"]])
+                    lines += [f"[rank {rank}] {line}" for line in said_lines.split("\n")]
+    if "error" in status.values():  # what the ranks said is the only clue: show all of it
+        lines = result.lines + result.stuck + lines
     return status, lines
 
 
-def report(status, lines, nproc):
+def report(status: dict, lines: list[str], nproc: int) -> None:
     """Say how each exercise went, the way a learner needs to read it."""
+    if lines:
+        print("\n".join(lines))
     for exercise, state in status.items():
         if state == "pass":
             print(f"Exercise {exercise}: PASS on all {nproc} ranks "
                   "(matches the single-process answer)")
         elif state == "not attempted":
             solution = solution_file(exercise).relative_to(launcher.ROOT)
-            print(f"Exercise {exercise}: not attempted yet — the solution is in {solution}")
+            print(f"Exercise {exercise}: not attempted yet; the solution is in {solution}")
         elif state == "mismatch":
-            print("\n".join(line for line in _blocks(lines, f"MISMATCH {exercise}")))
             print(f"Exercise {exercise}: yours differs from the expected answer (per rank, above)")
         else:
-            print("\n".join(lines))
             print(f"Exercise {exercise}: your code failed or hung (output above)")
 
 
-def _blocks(lines, header):
-    """The lines each rank printed under `header` (its own line and the indented ones after it)."""
-    keep, inside = [], set()
-    for line in lines:
-        match = launcher.RANK_LINE.match(line)
-        if match:
-            body = line[match.end():]
-            if body.startswith(header):
-                inside.add(match[1])
-            elif not body.startswith(" "):
-                inside.discard(match[1])
-            if match[1] in inside:
-                keep.append(line)
-    return keep
-
-
-def check(exercise, *functions, nproc=4, timeout=TIMEOUT_S):
+def check(exercise: str, *functions, nproc: int = 4, timeout: float = TIMEOUT_S) -> None:
     """In a notebook: run your function(s) on `nproc` ranks and check them. Returns None; raises
     AssertionError on a wrong answer or a crash; says so, without raising, if not attempted."""
     with tempfile.TemporaryDirectory() as folder:
@@ -180,21 +216,25 @@ def check(exercise, *functions, nproc=4, timeout=TIMEOUT_S):
         raise AssertionError(f"Exercise {exercise} did not pass")
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("exercise", nargs="?", help="a lesson (02) or one exercise (02.1)")
     p.add_argument("--solution", action="store_true", help="check solutions/NN_topic.py instead")
-    p.add_argument("--file", help="check the functions in this file instead")
+    p.add_argument("--file", help="check the functions in this file instead (they run in the "
+                                  "lesson's namespace: its imports and helpers are in scope)")
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by run_check for each rank
     p.add_argument("--source", help=argparse.SUPPRESS)
+    p.add_argument("--verdicts", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return _worker(args.worker.split(","), args.source)
+        return _worker(args.worker.split(","), args.source, Path(args.verdicts))
     if not args.exercise:
         p.error("name a lesson (00) or an exercise (00.1)")
     ids = [args.exercise] if "." in args.exercise else exercises_of(args.exercise)
+    if not ids:
+        p.error(f"lesson {args.exercise} has no exercises")
     source = solution_file(ids[0]) if args.solution else args.file
     status, lines = run_check(ids, source, args.nproc)
     report(status, lines, args.nproc)

@@ -1,5 +1,7 @@
 """Shared test helpers. Every multi-process run goes through course.launcher, so it is bounded
 in time, its output comes back in rank order, and it reports any process it left behind."""
+import ast
+import re
 import socket
 import sys
 
@@ -33,6 +35,57 @@ def run_python(path, args=(), timeout=180, env=None):
 
 def text(result):
     return "\n".join(result.lines + result.stuck)
+
+
+# A number in a lesson's output: a count, a timing, a port, a loss. Numbers vary with the
+# machine and the world size; the words around them are what must not drift.
+NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+def expected_output(path):
+    """The lesson's "What you should see" block, the one copy of its expected output, as
+    patterns, one per output line, in order: `...` matches anything, a number any number,
+    `  <- note` is a remark for the reader, a line `...` alone stands for lines left out, and
+    a line indented further continues the one above."""
+    lines = ast.get_docstring(ast.parse(path.read_text())).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("What you should see"))
+    shown = []
+    for line in lines[start + 1:]:
+        if line.strip() and not line.startswith("    "):
+            break  # the block ends at the next unindented line
+        line = re.sub(r"\s+<-.*$", "", line[4:].rstrip())
+        if line.startswith(" ") and shown and not line.lstrip().startswith("..."):
+            shown[-1] += " " + line.strip()  # a continuation line
+        elif line.strip() and line.strip() != "...":
+            shown.append(line)
+    assert shown, f"{path.name}: its 'What you should see' block is empty"
+    return [(line, _pattern(line)) for line in shown]
+
+
+def _pattern(line):
+    """One shown line as a regex: its `[rank N]` prefix kept, `...` anything, any number for a
+    number, any run of spaces for a run of spaces (column widths follow the numbers)."""
+    prefix = re.match(r"\[rank \d+\]", line)
+    head, rest = (prefix[0], line[prefix.end():]) if prefix else ("", line)
+    parts = re.split(rf"(\.\.\.|\s+|(?<![\w.]){NUMBER}(?!\w))", rest)
+    body = "".join(".*" if part == "..." else r"\s+" if part.isspace() else
+                   NUMBER if re.fullmatch(NUMBER, part) else re.escape(part) for part in parts)
+    return re.compile(re.escape(head) + body + r"\s*")
+
+
+def assert_shows(out, path, checked_only=False):
+    """`out` holds every line of the lesson's expected output, in order (other lines may come
+    between). checked_only: just its `checked:` lines (another world size changes tables)."""
+    shown = expected_output(path)
+    if checked_only:
+        shown = [(line, pattern) for line, pattern in shown if "checked:" in line]
+    lines, at = out.splitlines(), 0
+    for line, pattern in shown:
+        found = next((i for i in range(at, len(lines)) if pattern.fullmatch(lines[i])), None)
+        assert found is not None, (f"{path.name}: its docstring shows\n  {line}\nbut no line "
+                                   f"after line {at} of the run's output looks like it (numbers "
+                                   f"and `...` may differ):\n{out}")
+        at = found + 1
 
 
 def free_port():

@@ -47,7 +47,7 @@ def test_check_catches_a_wrong_answer(path):
     ids = exercises_of(path.stem[:2])
     status, lines = run_check(ids, WRONG / path.name, 4)
     assert status == {i: "mismatch" for i in ids}, "\n".join(lines)
-    assert "yours:" in "\n".join(lines) and "expected:" in "\n".join(lines)
+    assert "yours" in "\n".join(lines) and "expected" in "\n".join(lines)
 
 
 @pytest.mark.parametrize("path", WITH_EXERCISES, ids=lesson_ids())
