@@ -37,28 +37,15 @@ import math
 import torch
 import torch.distributed as dist
 
+# The shape handshake's header layout, kinds and dtype codes, shared with lesson 06 and
+# distill_demo: HEADER, MAX_NDIM, TENSOR, REFUSED, DTYPES (course/header.py, shown below).
+from course.header import DTYPES, HEADER, MAX_NDIM, REFUSED, TENSOR  # noqa: F401 (exercise 02.1)
 from course.ranks import AT_LEAST_2, parser, print0, print_rank, setup
 
 NEEDS = AT_LEAST_2
 COLS = 3  # the handshake demo sends (rows, COLS) batches; only the sender knows `rows`
 BROKEN_TIMEOUT_S = 2.0  # --broken deadlock: how long a send may wait before it fails
 
-# --8<-- [start:header]
-# The shape handshake, as a protocol (exercise 02.1; later lessons point back here).
-# Every message is a header, then, if the header says TENSOR, the payload. The header has the
-# same length whatever it describes, so that the receiver can allocate it before it knows
-# anything: len(HEADER) int64s, on the payload's device.
-HEADER = ("kind", "dtype code", "ndim", "size 0", "size 1", "size 2", "size 3",
-          "size 4", "size 5", "size 6", "size 7")
-MAX_NDIM = len(HEADER) - 3  # 8 sizes: tensors of 0 to 8 dimensions; unused sizes are 0
-# Field 0, the kind of message: two values that a payload read by mistake is unlikely to hold.
-TENSOR = 20_202  # a payload of this dtype and shape follows
-REFUSED = 20_203  # the sender could not describe its tensor (and raised): nothing follows
-# Any other kind is not a header (e.g. a payload read where a header was expected): refuse it.
-# The dtypes both gloo and NCCL carry (NCCL has no 16-bit integers); dtype code = position.
-DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
-          torch.int32, torch.int8, torch.uint8, torch.bool)
-# --8<-- [end:header]
 
 
 def partner_of(rank, world_size):
