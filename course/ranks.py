@@ -60,6 +60,17 @@ def print_table0(row):
                               for r in [dict(zip(row, row)), *rows]))
 
 
+# --8<-- [start:spread]
+def spread(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> float:
+    """Largest minus smallest of `tensor` across the ranks of `group`, over all elements: zero
+    iff every rank holds the same values. A collective: every rank of `group` must call it."""
+    high, low = tensor.detach().clone(), -tensor.detach()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)  # max of -x is -(min of x)
+    return (high + low).max().item()
+# --8<-- [end:spread]
+
+
 def usage_error(message, every_rank=True):
     """A mistake in how the program was started: exit code 2, no traceback. every_rank: each rank
     finds it too, so wait (bounded) until all have said it, or torchrun stops the slower ones."""

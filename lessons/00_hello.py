@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 
 from course import trace
-from course.ranks import parser, print0, print_rank, relaunch, usage_error
+# spread(t): max minus min of t over the ranks, two all_reduce(MAX) (course/ranks.py).
+from course.ranks import parser, print0, print_rank, relaunch, spread, usage_error
 
 SEED = 1234  # every rank seeds with the same number, so every rank builds the same weights
 # What torchrun puts in each rank's environment (GROUP_RANK is the node's index).
@@ -119,14 +120,6 @@ def all_reduce_check(rank, world_size, device):
 
 
 # --8<-- [start:seeding]
-def spread(tensor):
-    """Largest minus smallest of `tensor` across ranks, element-wise: zero iff all ranks agree."""
-    high, low = tensor.clone(), -tensor.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MAX)  # max of -x is -(min of x)
-    return (high + low).max().item()
-
-
 def seeding_check(rank, world_size, device):
     """Same seed on every rank -> same initial weights: no broadcast needed to start in sync."""
     torch.manual_seed(SEED + rank)  # the mistake: a different seed per rank
