@@ -53,7 +53,8 @@ def worker():
 
     p = parser(__doc__)
     p.add_argument("--worker", action="store_true")
-    with setup(p.parse_args()) as ctx:
+    args = p.parse_args()
+    with setup(args, trace=args.trace) as ctx:
         for name, numel in SIZES.items():
             x = torch.ones(numel, device=ctx.device)
             for _ in range(5):  # warm-up: connections, allocations

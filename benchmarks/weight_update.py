@@ -295,7 +295,7 @@ def main():
                    help="file with your pack_bucket and push_update")
     args = p.parse_args()
     functions = load_functions(args.solution)  # before any rank starts: a bad file fails fast
-    with setup(args, AT_LEAST_2) as ctx:
+    with setup(args, AT_LEAST_2, trace=args.trace) as ctx:
         gpu = ctx.backend == "nccl"
         models = (args.models or ("llama-3.2-1b,llama-3.1-8b" if gpu else "small")).split(",")
         args.sweep_mib = args.sweep_mib or (4096 if gpu else 256)

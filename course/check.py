@@ -131,7 +131,8 @@ def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
         exec(compile(Path(source).read_text(), source, "exec"), namespace)
     said = {}
     mine = verdicts / f"rank{os.environ['RANK']}.json"
-    with ranks.setup(ranks.parser("").parse_args([]), getattr(lesson, "NEEDS", None)) as ctx:
+    args = ranks.parser("").parse_args([])  # COURSE_TIMEOUT, COURSE_TRACE, ... from the launcher
+    with ranks.setup(args, getattr(lesson, "NEEDS", None), trace=args.trace) as ctx:
         for exercise in exercises:
             check_fn, *names = checks[exercise]
             try:  # a stub raises on every rank alike, so the ranks stay in step and go on

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -121,11 +122,17 @@ class Rank(NamedTuple):
 
 
 @contextlib.contextmanager
-def setup(args, needs=None):
-    """Join the process group for the length of a `with` block.
-    `needs` = (text, test): the world sizes the program accepts."""
-    if "RANK" not in os.environ:  # plain `python lesson.py`: run again under torchrun
-        relaunch(args.nproc, needs)
+def setup(args: argparse.Namespace, needs: tuple | None = None, *, relaunch: bool = False,
+          trace: str | None = None) -> Iterator[Rank]:
+    """Join the process group for the length of a `with` block, and leave it however it ends.
+    `needs` = (text, test): the world sizes the program accepts. Opt-ins, each visible at the
+    call: relaunch=True lets plain `python lesson.py` start torchrun for itself; trace=DIR
+    records the block with torch.profiler on every rank and merges the ranks (course/trace.py)."""
+    if "RANK" not in os.environ:  # not started by torchrun
+        if not relaunch:
+            usage_error("start this program with torchrun, e.g. torchrun --nproc-per-node 4 "
+                        f"{' '.join(_main_target())}", every_rank=False)
+        restart_under_torchrun(args.nproc, needs)
     rank, local_rank, world_size, local_world_size = (
         int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
     _require(world_size, needs, f"--nproc-per-node {world_size}")  # before any collective
@@ -139,8 +146,9 @@ def setup(args, needs=None):
     try:
         if backend == "nccl":  # create the communicator now, not inside the first timed collective
             dist.barrier(device_ids=[local_rank])
-        from course import trace  # --trace DIR: profile the block, merge the ranks on rank 0
-        with trace.recording(args.trace):
+        from course import trace as tracing  # imported only by the ranks that join
+
+        with tracing.recording(trace):
             yield Rank(rank, local_rank, world_size, backend, device, timeout)
     finally:
         if dist.is_initialized():
@@ -177,7 +185,7 @@ def _require(world_size, needs, started_with):
                     f"{' '.join(_main_target())}")
 
 
-def relaunch(nproc, needs=None):
+def restart_under_torchrun(nproc: int, needs: tuple | None = None) -> None:
     """Plain `python lesson.py`: replace this process with torchrun running the same file."""
     _require(nproc, needs, f"--nproc {nproc}")
     # Drop --nproc: torchrun would read it as an abbreviation of its own --nproc-per-node.

@@ -160,7 +160,7 @@ def report(run: Run, result, everyone):
 def main():
     args = parse_args()
     layout = validate(args, int(os.environ.get("WORLD_SIZE", args.nproc)))
-    with setup(args) as ctx:
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         run = Run(args, ctx.rank, ctx.device, layout, make_groups(layout, ctx.timeout),
                   Channel(ctx.device, layout.name), MarkovData(args.vocab, args.seq),
                   Timeline(ctx.device))

@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from course import trace
 # spread(t): max minus min of t over the ranks, two all_reduce(MAX) (course/ranks.py).
-from course.ranks import parser, print0, print_rank, relaunch, spread, usage_error
+from course.ranks import parser, print0, print_rank, restart_under_torchrun, spread, usage_error
 
 SEED = 1234  # every rank seeds with the same number, so every rank builds the same weights
 # What torchrun puts in each rank's environment (GROUP_RANK is the node's index).
@@ -167,7 +167,7 @@ def main():
                    help="env:// (torchrun's MASTER_ADDR/PORT) or tcp://HOST:PORT")
     args = p.parse_args()
     if "RANK" not in os.environ:  # started with plain python: re-run this file under torchrun
-        relaunch(args.nproc)
+        restart_under_torchrun(args.nproc)
     print_rank("torchrun set " + " ".join(f"{k}={os.environ.get(k)}" for k in TORCHRUN_VARS))
     if args.debug:  # name mismatched collectives; read at import, so set the level directly
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"

@@ -223,7 +223,7 @@ def main():
                    help="break the rule on purpose: ranks create groups in different orders, "
                         "or only members call new_group. Fails in ~10 s and explains.")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:  # init, backend, device and teardown: course/ranks.py
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:  # init, backend, device and teardown: course/ranks.py
         if args.broken:
             break_the_rule(ctx, args.broken, args.debug)
         timeout = datetime.timedelta(seconds=args.timeout)

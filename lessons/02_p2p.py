@@ -311,7 +311,7 @@ def main():
     p.add_argument("--broken", choices=["deadlock"],
                    help="deadlock: both ranks of each pair send first (fails in ~2 s, explains)")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:  # init, backend, device and teardown: course/ranks.py
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:  # init, backend, device and teardown: course/ranks.py
         partner = partner_of(ctx.rank, ctx.world_size)
         if args.broken:
             send_send_deadlock(ctx, partner)

@@ -311,7 +311,7 @@ def main():
     p.add_argument("--bench-ops", default="all_reduce,broadcast",
                    help="collectives to time, comma-separated (all_reduce,broadcast)")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:  # course/ranks.py: rank, device, init, teardown
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:  # course/ranks.py: rank, device, init, teardown
         # Checked after init, which the ranks leave together: torchrun stops the others soon
         # after one exits, and a rank still importing torch would never say what was wrong.
         ops = args.bench_ops.split(",")

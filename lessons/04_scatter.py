@@ -192,7 +192,7 @@ EXERCISES = {"04.1": (check_shard_rows, "shard_rows", "unshard_rows")}
 
 def main():
     args = parser(__doc__).parse_args()
-    with setup(args) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
+    with setup(args, relaunch=True, trace=args.trace) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
         reference = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(SEED))
         piece, padded = scatter_vs_broadcast(ctx, reference)
         gather_back(ctx, piece, padded)

@@ -336,7 +336,7 @@ EXERCISES = {"05.1": (check_bucketed_ddp, "bucketed_ddp")}
 
 def main():
     args = parser(__doc__).parse_args()
-    with setup(args) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
+    with setup(args, relaunch=True, trace=args.trace) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
         fired, grad = hook_order(ctx.device)
         print0("hooks on y = w * x, in the order they fired, and w.grad at that moment:\n"
                + "\n".join(f"  {hook:<40} w.grad {grad_then}" for hook, grad_then in fired))

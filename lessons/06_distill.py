@@ -301,7 +301,7 @@ def main():
     args = p.parse_args()
     if args.steps < 1:
         usage_error(f"--steps {args.steps}: train for at least 1 step")
-    with setup(args, NEEDS) as ctx:
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         student_ranks, teacher_ranks = roles(ctx.world_size)
         student_group, pair_groups = make_groups(student_ranks, teacher_ranks, ctx.timeout)
         print0(f"students: ranks {', '.join(map(str, student_ranks))}; teachers: ranks "

@@ -285,7 +285,7 @@ def main():
     p.add_argument("--children", choices=["spawn", "fork"], default="spawn",
                    help="how ranks start their children (fork: see why it is refused)")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         if args.children == "fork" and (why := why_not_fork()):  # each rank, before any child
             usage_error(f"--children fork: {why}")
         # Threads-for-waiting sends CPU tensors: under NCCL that needs a gloo group of its own.

@@ -339,7 +339,7 @@ def main():
                    help="make every teacher misbehave (absent: never joins RPC), to see the "
                         "students fail fast")
     args = p.parse_args()
-    with setup(args, NEEDS) as ctx:
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         half = ctx.world_size // 2
         students, teachers = list(range(half)), list(range(half, ctx.world_size))
         # Each role's own process group, made (by every rank, in one order) before RPC starts.

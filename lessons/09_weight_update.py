@@ -289,7 +289,7 @@ def trainer(ctx, client, tp_size, timeout_s):
 
 def main():
     args = parser(__doc__).parse_args()
-    with setup(args, NEEDS) as ctx:  # torchrun's world: here only to start everybody
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:  # torchrun's world: here only to start everybody
         tp_size = ctx.world_size - 1
         if ctx.rank > 0:  # an engine rank: serves until the trainer says stop
             serve_engine(ctx.rank - 1, tp_size, ctx.backend, ctx.device, preset=PRESET,

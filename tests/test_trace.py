@@ -15,7 +15,8 @@ from course import trace
 PROGRAM = '''
 import torch, torch.distributed as dist
 from course.ranks import parser, print0, setup
-with setup(parser("").parse_args()) as ctx:
+args = parser("").parse_args()
+with setup(args, trace=args.trace) as ctx:
     x = torch.ones(1 << 16)
     with torch.profiler.record_function("my step"):
         dist.all_reduce(x)

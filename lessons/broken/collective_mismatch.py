@@ -29,7 +29,8 @@ from course.ranks import parser, print_rank, setup
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args()) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         x = torch.full((4,), float(ctx.rank + 1), device=ctx.device)
         if ctx.rank == 0:
             dist.all_reduce(x)  # the mistake: rank 0 sums...

@@ -32,7 +32,8 @@ NEEDS = ("exactly 4 ranks", lambda n: n == 4)
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args(), NEEDS) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         calls = [[0, 1], [2, 3]]
         if ctx.rank >= 2:
             calls.reverse()  # the mistake: ranks 2-3 create their own pair first

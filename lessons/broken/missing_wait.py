@@ -35,7 +35,8 @@ VALUE = 7.0  # what rank 0 sends
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args()) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         if ctx.rank == 0:
             weights = torch.full((4,), VALUE, device=ctx.device)
             request = dist.isend(weights, dst=1)

@@ -33,7 +33,8 @@ NEEDS = EVEN  # ranks pair up: [0, 1], [2, 3], ...
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args(), NEEDS) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         first = ctx.rank - ctx.rank % 2
         calls = [[first, first + 1]]  # the mistake: each rank creates only the pair it is in
         with explain("each pair called new_group for its own pair only, so both pairs would "

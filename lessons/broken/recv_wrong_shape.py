@@ -33,7 +33,8 @@ ROWS_EXPECTED, ROWS_SENT = 8, 10  # what the receiver assumes; what the sender's
 # --8<-- [start:main]
 def main():
     faulthandler.enable(all_threads=True)  # a C++ abort then still shows this rank's Python stack
-    with setup(parser(__doc__).parse_args()) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         if ctx.rank == 0:
             dist.send(torch.arange(float(ROWS_SENT), device=ctx.device), dst=1)
         elif ctx.rank == 1:

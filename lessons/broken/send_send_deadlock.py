@@ -32,7 +32,8 @@ NEEDS = AT_LEAST_2
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args(), NEEDS) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         right, left = (ctx.rank + 1) % ctx.world_size, (ctx.rank - 1) % ctx.world_size
         mine = torch.full((4,), float(ctx.rank), device=ctx.device)
         theirs = torch.empty(4, device=ctx.device)

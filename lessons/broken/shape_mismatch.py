@@ -31,7 +31,8 @@ SIZE = 4  # elements in every rank's gradient, but one short on rank 1
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args()) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         size = SIZE - 1 if ctx.rank == 1 else SIZE  # the mistake
         grad = torch.full((size,), float(ctx.rank + 1), device=ctx.device)
         dist.all_reduce(grad)

@@ -35,7 +35,8 @@ EVALUATION_S = 30  # the last rank evaluates this long: far past the others' tim
 
 # --8<-- [start:main]
 def main():
-    with setup(parser(__doc__).parse_args()) as ctx:
+    args = parser(__doc__).parse_args()
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         last = ctx.world_size - 1
         batches = BATCHES - 1 if ctx.rank == last else BATCHES  # the mistake: uneven shards
         for step in range(batches):

@@ -6,7 +6,8 @@ import torch.distributed as dist
 
 from course.ranks import parser, print_rank, setup
 
-with setup(parser(__doc__).parse_args()) as ctx:
+args = parser(__doc__).parse_args()
+with setup(args, relaunch=True, trace=args.trace) as ctx:
     print_rank("before the all_reduce")
     if ctx.rank == 2:
         time.sleep(600)
