@@ -39,6 +39,7 @@ What you should see (4 ranks, no GPU; the port, host names and pids are yours)
     ...
 This lesson writes its setup out in full. Later lessons call course/ranks.py for it.
 """
+
 import datetime
 import os
 import socket
@@ -47,13 +48,21 @@ import torch
 import torch.distributed as dist
 
 from course import trace
+
 # spread(t): max minus min of t over the ranks, two all_reduce(MAX) (course/ranks.py).
 from course.ranks import parser, print0, print_rank, restart_under_torchrun, spread, usage_error
 
 SEED = 1234  # every rank seeds with the same number, so every rank builds the same weights
 # What torchrun puts in each rank's environment (GROUP_RANK is the node's index).
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                 "MASTER_ADDR", "MASTER_PORT")
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 # --8<-- [start:init]
@@ -68,10 +77,15 @@ def init_distributed(backend_flag, init_method, timeout_s):
     # gloo moves CPU tensors and runs anywhere. So: NCCL only if every local rank gets a GPU.
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend_flag == "nccl" and gpus < local_world_size:
-        usage_error(f"--backend nccl needs one GPU per local rank: {local_world_size} local "
-                    f"ranks but {gpus} GPUs. " + (f"Start at most {gpus} ranks, or use "
-                                                  "--backend gloo." if gpus
-                                                  else "Use --backend gloo, or auto."))
+        usage_error(
+            f"--backend nccl needs one GPU per local rank: {local_world_size} local "
+            f"ranks but {gpus} GPUs. "
+            + (
+                f"Start at most {gpus} ranks, or use --backend gloo."
+                if gpus
+                else "Use --backend gloo, or auto."
+            )
+        )
     use_nccl = backend_flag == "nccl" or (backend_flag == "auto" and 0 < local_world_size <= gpus)
     if use_nccl:
         device = torch.device("cuda", local_rank)  # LOCAL_RANK, not RANK: node 2 has GPU 0 too
@@ -79,8 +93,11 @@ def init_distributed(backend_flag, init_method, timeout_s):
     else:
         device = torch.device("cpu")
         if backend_flag == "auto":
-            print0("no GPU: using gloo on CPU" if gpus == 0 else
-                   f"{local_world_size} local ranks but {gpus} GPUs: using gloo on CPU")
+            print0(
+                "no GPU: using gloo on CPU"
+                if gpus == 0
+                else f"{local_world_size} local ranks but {gpus} GPUs: using gloo on CPU"
+            )
 
     # env:// (the default) meets at MASTER_ADDR:MASTER_PORT, the store torchrun already runs.
     # tcp://host:port names a meeting point yourself: rank 0 listens there, the others connect.
@@ -90,20 +107,29 @@ def init_distributed(backend_flag, init_method, timeout_s):
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
     try:
         dist.init_process_group(
-            "nccl" if use_nccl else "gloo", init_method=init_method, rank=rank,
-            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=device if use_nccl else None)  # device_id: create NCCL's communicator now
+            "nccl" if use_nccl else "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if use_nccl else None,
+        )  # device_id: create NCCL's communicator now
     except dist.DistNetworkError as err:
         if "EADDRINUSE" in str(err):
-            usage_error(f"{init_method}: that port is already in use on this machine. Pick "
-                        "another port, or leave out --init-method and let torchrun --standalone "
-                        "pick a free one.", every_rank=False)  # only rank 0 listens there
+            usage_error(
+                f"{init_method}: that port is already in use on this machine. Pick "
+                "another port, or leave out --init-method and let torchrun --standalone "
+                "pick a free one.",
+                every_rank=False,
+            )  # only rank 0 listens there
         raise
     if use_nccl:
         # The first NCCL collective sets up connections (~150 ms); pay that here, not in the
         # first thing you time. device_ids tells barrier which GPU this rank uses.
         dist.barrier(device_ids=[local_rank])
     return rank, local_rank, world_size, device
+
+
 # --8<-- [end:init]
 
 
@@ -114,8 +140,12 @@ def all_reduce_check(rank, world_size, device):
     dist.all_reduce(value, op=dist.ReduceOp.SUM)  # in place: `value` now holds the sum
     expected = world_size * (world_size + 1) / 2  # the single-process answer
     assert value.item() == expected, f"rank {rank}: all_reduce gave {value.item()}, not {expected}"
-    print0(f"checked: all_reduce(SUM) of rank+1 on {world_size} ranks = {value.item():g}, "
-           f"the formula {world_size}*{world_size + 1}/2 gives {expected:g}")
+    print0(
+        f"checked: all_reduce(SUM) of rank+1 on {world_size} ranks = {value.item():g}, "
+        f"the formula {world_size}*{world_size + 1}/2 gives {expected:g}"
+    )
+
+
 # --8<-- [end:all_reduce]
 
 
@@ -128,17 +158,27 @@ def seeding_check(rank, world_size, device):
     seeded = torch.nn.Linear(8, 8).to(device).weight.detach()
     assert spread(seeded) == 0.0, f"rank {rank}: seeded weights differ across ranks"
     assert world_size == 1 or spread(unseeded) > 0.0
-    print0(f"checked: seeded weights are identical on all {world_size} ranks "
-           f"(with a seed per rank they differ by up to {spread(unseeded):.3f})")
+    print0(
+        f"checked: seeded weights are identical on all {world_size} ranks "
+        f"(with a seed per rank they differ by up to {spread(unseeded):.3f})"
+    )
+
+
 # --8<-- [end:seeding]
 
 
 # --8<-- [start:gather]
 def gather_host_info(rank, local_rank, device):
     """Every rank describes itself; gather_object collects the descriptions on rank 0."""
-    me = {"rank": rank, "local_rank": local_rank, "node": int(os.environ.get("GROUP_RANK", 0)),
-          "host": socket.gethostname(), "pid": os.getpid(), "device": str(device),
-          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "-"}
+    me = {
+        "rank": rank,
+        "local_rank": local_rank,
+        "node": int(os.environ.get("GROUP_RANK", 0)),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "-",
+    }
     everyone = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(me, everyone, dst=0)  # a collective: every rank must call it
     if rank == 0:
@@ -146,6 +186,8 @@ def gather_host_info(rank, local_rank, device):
         print0("  ".join(f"{k:>10}" for k in keys))
         for row in everyone:
             print0("  ".join(f"{str(row[k]):>10}" for k in keys))
+
+
 # --8<-- [end:gather]
 
 
@@ -156,15 +198,22 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     Leave the caller's `x` as it was: all_reduce works in place.
     """
     # YOUR CODE BELOW
-    raise NotImplementedError("Exercise 00.1: average x over all ranks with one all_reduce, "
-                              "without changing x (about 3 lines)")
+    raise NotImplementedError(
+        "Exercise 00.1: average x over all ranks with one all_reduce, "
+        "without changing x (about 3 lines)"
+    )
+
+
 # --8<-- [end:ex-00-1]
 
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--init-method", default="env://",
-                   help="env:// (torchrun's MASTER_ADDR/PORT) or tcp://HOST:PORT")
+    p.add_argument(
+        "--init-method",
+        default="env://",
+        help="env:// (torchrun's MASTER_ADDR/PORT) or tcp://HOST:PORT",
+    )
     args = p.parse_args()
     if "RANK" not in os.environ:  # started with plain python: re-run this file under torchrun
         restart_under_torchrun(args.nproc)
@@ -174,15 +223,17 @@ def main():
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     # --timeout (60 s by default): a collective that waits longer fails instead of hanging.
     rank, local_rank, world_size, device = init_distributed(
-        args.backend, args.init_method, 10 if args.debug else args.timeout)
+        args.backend, args.init_method, 10 if args.debug else args.timeout
+    )
     try:  # teardown below runs however this block ends
         with trace.recording(args.trace):  # --trace DIR: a timeline of the collectives below
             print0(f"backend {dist.get_backend()}, world size {dist.get_world_size()}")
             all_reduce_check(rank, world_size, device)
             seeding_check(rank, world_size, device)
             gather_host_info(rank, local_rank, device)
-            print0("Next: exercise 00.1 (mean_over_ranks above). "
-                   "Check it: python -m lessons.check 00")
+            print0(
+                "Next: exercise 00.1 (mean_over_ranks above). Check it: python -m lessons.check 00"
+            )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 Each function runs in the lesson's namespace: torch, dist and the lesson's helpers are in scope.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -16,4 +17,6 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     total = x.clone()  # all_reduce overwrites its argument; work on a copy
     dist.all_reduce(total, op=dist.ReduceOp.SUM)  # AVG exists too, but not on every backend
     return total / dist.get_world_size()
+
+
 # --8<-- [end:ex-00-1]
