@@ -1,6 +1,7 @@
 """The baseline for benchmarks/startup.py: the smallest program torchrun can run, on the backend
 a lesson would pick (NCCL when every local rank has a GPU, else gloo), so that the comparison is
 like with like."""
+
 import os
 
 import torch

@@ -11,6 +11,7 @@ Writes to --out: 03_bandwidth.png (the NCCL's-choice run: all_reduce and broadca
 a binary tree and a double binary tree over 8 ranks. Without a GPU per rank the lesson runs
 gloo, where NCCL_ALGO means nothing: the script says so, runs once and skips the comparison.
 """
+
 import argparse
 import json
 import math
@@ -27,16 +28,20 @@ from course.launcher import ROOT, launch  # bounded runs, output in rank order
 LESSON = ROOT / "lessons" / "03_collectives.py"
 # (column, NCCL_ALGO or None for NCCL's choice, collectives to time). Broadcast has no tree in
 # NCCL, so the forced settings time all_reduce only.
-SETTINGS = [("NCCL's choice", None, "all_reduce,broadcast"), ("Ring", "Ring", "all_reduce"),
-            ("Tree", "Tree", "all_reduce")]
+SETTINGS = [
+    ("NCCL's choice", None, "all_reduce,broadcast"),
+    ("Ring", "Ring", "all_reduce"),
+    ("Tree", "Tree", "all_reduce"),
+]
 RUN_TIMEOUT_S = 300  # one setting, start-up included
 
 
 def run(name, algo, ops, nproc, folder):
     """Lesson 03 --bench under one NCCL_ALGO; returns its rows, or None if the run failed."""
     env = {"NCCL_ALGO": algo} if algo else {}
-    result = launch(LESSON, nproc, ["--bench", "--bench-ops", ops, "--out", folder],
-                    RUN_TIMEOUT_S, env)
+    result = launch(
+        LESSON, nproc, ["--bench", "--bench-ops", ops, "--out", folder], RUN_TIMEOUT_S, env
+    )
     print(f"--- {name}: NCCL_ALGO={algo or '(unset)'}, {result.seconds:.0f} s")
     print("\n".join(result.lines + result.stuck))
     if result.returncode != 0:
@@ -46,12 +51,13 @@ def run(name, algo, ops, nproc, folder):
 
 
 def size_text(nbytes):
-    units = (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10), ("B", 1))
+    units = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
     return next(f"{nbytes / scale:g} {unit}" for unit, scale in units if nbytes >= scale)
 
 
 def plot(columns, nproc, path):
     import matplotlib
+
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
 
@@ -60,8 +66,11 @@ def plot(columns, nproc, path):
         mine = [r for r in rows if r["op"] == "all_reduce"]
         ax.plot([r["bytes"] for r in mine], [r["busbw"] for r in mine], "o-", label=name)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="message size (bytes)", ylabel="all_reduce busbw (GB/s)",
-           title=f"NCCL_ALGO, {nproc} ranks")
+    ax.set(
+        xlabel="message size (bytes)",
+        ylabel="all_reduce busbw (GB/s)",
+        title=f"NCCL_ALGO, {nproc} ranks",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -83,6 +92,7 @@ def draw_algorithms(path, n=8):
     """Ring, one binary tree, and NCCL's double binary tree, drawn for n ranks. The second tree
     is the first mirrored (rank r -> n-1-r), so its leaves are the even ranks."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -95,21 +105,35 @@ def draw_algorithms(path, n=8):
     one = tree_parents(n)
     mirrored = {n - 1 - r: n - 1 - p for r, p in one.items()}
     circle = {r: (math.sin(2 * math.pi * r / n), math.cos(2 * math.pi * r / n)) for r in range(n)}
-    panels = {f"ring: {n} links, 2({n}-1) steps": [(circle, [(r, (r + 1) % n) for r in range(n)],
-                                                     "C0")],
-              "binary tree: leaves (odd ranks) only send up": [tree(one, "C0")],
-              "double binary tree: each rank inside one tree at most": [tree(one, "C0"),
-                                                                 tree(mirrored, "C3", 0.2)]}
+    panels = {
+        f"ring: {n} links, 2({n}-1) steps": [(circle, [(r, (r + 1) % n) for r in range(n)], "C0")],
+        "binary tree: leaves (odd ranks) only send up": [tree(one, "C0")],
+        "double binary tree: each rank inside one tree at most": [
+            tree(one, "C0"),
+            tree(mirrored, "C3", 0.2),
+        ],
+    }
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, (title, layers) in zip(axes, panels.items()):
         for xy, edges, color in layers:
             ax.plot(*zip(*xy.values()), linestyle="none")  # text and arrows don't set the limits
             for a, b in edges:
-                ax.annotate("", xy[b], xy[a], arrowprops={"arrowstyle": "->", "color": color,
-                                                     "shrinkA": 9, "shrinkB": 9})
+                ax.annotate(
+                    "",
+                    xy[b],
+                    xy[a],
+                    arrowprops={"arrowstyle": "->", "color": color, "shrinkA": 9, "shrinkB": 9},
+                )
             for r, (x, y) in xy.items():
-                ax.text(x, y, str(r), ha="center", va="center", color=color,
-                        bbox={"boxstyle": "circle", "fc": "white", "ec": color})
+                ax.text(
+                    x,
+                    y,
+                    str(r),
+                    ha="center",
+                    va="center",
+                    color=color,
+                    bbox={"boxstyle": "circle", "fc": "white", "ec": color},
+                )
         ax.set_title(title, fontsize=10)
         ax.margins(0.15)
         ax.axis("off")
@@ -118,16 +142,19 @@ def draw_algorithms(path, n=8):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nproc", type=int, default=2, help="ranks, one per GPU (2)")
     p.add_argument("--out", default="out", help="folder for the table's data and the plots")
     args = p.parse_args()
     os.environ.pop("NCCL_ALGO", None)  # the NCCL's-choice run must not inherit a setting
     settings = SETTINGS
     if torch.cuda.device_count() < args.nproc:
-        print(f"{torch.cuda.device_count()} GPUs for {args.nproc} ranks: the lesson runs gloo, "
-              "where NCCL_ALGO changes nothing. One run only.")
+        print(
+            f"{torch.cuda.device_count()} GPUs for {args.nproc} ranks: the lesson runs gloo, "
+            "where NCCL_ALGO changes nothing. One run only."
+        )
         settings = SETTINGS[:1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,8 +175,11 @@ def main():
     for size in sizes:
         cells = []
         for name, *_ in settings:
-            found = [r["busbw"] for r in columns.get(name, [])
-                     if r["bytes"] == size and r["op"] == "all_reduce"]
+            found = [
+                r["busbw"]
+                for r in columns.get(name, [])
+                if r["bytes"] == size and r["op"] == "all_reduce"
+            ]
             cells.append(f"{found[0]:15.3g}" if found else f"{'-':>15}")
         print(f"{size_text(size):>10}" + "".join(cells))
     draw_algorithms(out / "03_algorithms.png")

@@ -7,6 +7,7 @@ interleaved in one run so both see the same machine load.
 
 Prints each run, the medians and their ratio (target: lesson / bare <= 1.2).
 """
+
 import argparse
 import os
 import statistics
@@ -16,13 +17,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAMS = {"bare hello world": ROOT / "benchmarks" / "bare_hello.py",
-            "lessons/00_hello.py": ROOT / "lessons" / "00_hello.py"}
+PROGRAMS = {
+    "bare hello world": ROOT / "benchmarks" / "bare_hello.py",
+    "lessons/00_hello.py": ROOT / "lessons" / "00_hello.py",
+}
 
 
 def wall_time(path, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
@@ -30,7 +39,9 @@ def wall_time(path, nproc):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--nproc", type=int, default=4)
     args = p.parse_args()

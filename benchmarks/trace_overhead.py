@@ -12,6 +12,7 @@ Prints every run; then, for each mode, the fastest run and the median, with thei
 those of the plain runs, and the machine's load. The fastest run is the better estimate of the cost
 itself on a shared machine; the median says what to expect there.
 """
+
 import argparse
 import os
 import re
@@ -21,10 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a file: lessons is importable from the checkout too
-
-from course import launcher  # noqa: E402  (bounded runs, no process left behind)
+from course import launcher  # bounded runs, no process left behind
 
 MODES = {"plain": [], "--trace": ["--trace"], "--debug": ["--debug"]}  # --trace gets a folder
 SIZES = {"1 KiB": 256, "4 MiB": 1 << 20}  # float32 elements per all_reduce
@@ -36,11 +34,14 @@ def run(target, nproc, args, folder):
     args = [*args, folder] if args[-1:] == ["--trace"] else args
     result = launcher.launch(target, nproc, args, timeout=600, env={"COURSE_BACKEND": "gloo"})
     if result.returncode != 0:
-        sys.exit(f"{target} {' '.join(map(str, args))} failed:\n"
-                 + "\n".join(result.lines + result.stuck))
+        sys.exit(
+            f"{target} {' '.join(map(str, args))} failed:\n"
+            + "\n".join(result.lines + result.stuck)
+        )
     if "--trace" in args and not (Path(folder) / "trace.json").is_file():
-        sys.exit(f"{target} ignored --trace: no {folder}/trace.json "
-                 "(does it use course.ranks.setup?)")
+        sys.exit(
+            f"{target} ignored --trace: no {folder}/trace.json (does it use course.ranks.setup?)"
+        )
     return result
 
 
@@ -68,8 +69,9 @@ def worker():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--lessons", nargs="+", default=["03", "06"], help="lesson numbers (03 06)")
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
@@ -94,16 +96,26 @@ def main():
                     if found := re.search(r"all_reduce (.+): ([\d.]+) us", line):
                         inside[found[1], mode].append(float(found[2]))
                         print(f"run {repeat}: inside, {mode:8s} {line}", flush=True)
-    print(f"\n{args.nproc} gloo ranks, {args.repeats} runs of each; machine load (1-minute "
-          f"average) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
-          f"{os.cpu_count()} cores. Fastest run, then the median, and their ratio to plain:")
+    print(
+        f"\n{args.nproc} gloo ranks, {args.repeats} runs of each; machine load (1-minute "
+        f"average) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+        f"{os.cpu_count()} cores. Fastest run, then the median, and their ratio to plain:"
+    )
     print(f"  {'lesson wall time':20s}" + "".join(f"{mode:>24s}" for mode in MODES))
     for lesson in lessons:
-        print(f"  {lesson.stem:20s}" + "".join(
-            _cell(wall[lesson.stem, mode], wall[lesson.stem, "plain"], "s", 1) for mode in MODES))
+        print(
+            f"  {lesson.stem:20s}"
+            + "".join(
+                _cell(wall[lesson.stem, mode], wall[lesson.stem, "plain"], "s", 1) for mode in MODES
+            )
+        )
     for size in SIZES:
-        print(f"  {'all_reduce ' + size:20s}" + "".join(
-            _cell(inside[size, mode], inside[size, "plain"], "ms", 1e-3) for mode in MODES))
+        print(
+            f"  {'all_reduce ' + size:20s}"
+            + "".join(
+                _cell(inside[size, mode], inside[size, "plain"], "ms", 1e-3) for mode in MODES
+            )
+        )
 
 
 def _cell(times, plain, unit, scale):
@@ -112,6 +124,7 @@ def _cell(times, plain, unit, scale):
     median = statistics.median
     ratios = f"{min(times) / min(plain):.2f}/{median(times) / median(plain):.2f}"
     return f"{best:7.2f}/{middle:.2f} {unit} ({ratios})".rjust(24)
+
 
 if __name__ == "__main__":
     main()

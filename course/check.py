@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -36,12 +37,12 @@ SOLUTIONS = launcher.ROOT / "solutions"
 
 
 def lesson_file(exercise: str) -> Path:
-    """"02.1" or "02" -> lessons/02_p2p.py"""
+    """An exercise ("02.1") or a lesson ("02") -> lessons/02_p2p.py"""
     return launcher.lesson_path(exercise.split(".")[0] + "_")
 
 
 def exercise_file(exercise: str) -> Path:
-    """"02.1" or "02" -> exercises/02_p2p.py, the lesson's checks"""
+    """An exercise ("02.1") or a lesson ("02") -> exercises/02_p2p.py, the lesson's checks"""
     return EXERCISES / lesson_file(exercise).name
 
 
@@ -52,11 +53,10 @@ def solution_file(exercise: str) -> Path:
 def exercises_of(lesson: str) -> list[str]:
     """The exercise ids of a lesson, read without importing anything (no torch in the kernel)."""
     path = exercise_file(lesson)
-    if not path.is_file():
-        return []
-    found = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Assign)
-             and any(getattr(t, "id", "") == "EXERCISES" for t in n.targets)]
-    return [key.value for key in found[0].keys] if found else []
+    for node in ast.parse(path.read_text()).body if path.is_file() else []:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "EXERCISES":
+            return [key.value for key in node.value.keys]
+    return []
 
 
 def load(path: Path) -> ModuleType:
@@ -75,29 +75,30 @@ def lesson_module(exercise: str) -> ModuleType:
     return load(lesson_file(exercise))
 
 
-def _summary(yours, expected) -> str:
+def _summary(yours: object, expected: object) -> str:
     """What is wrong, in a few lines: shapes, the first differing entries, an obvious relation."""
     import torch
 
     if not (isinstance(yours, torch.Tensor) and isinstance(expected, torch.Tensor)):
         return f"yours:    {yours!r}"[:300] + f"\n    expected: {expected!r}"[:300]
     if yours.shape != expected.shape or yours.dtype != expected.dtype:
-        return (f"yours:    shape {tuple(yours.shape)} {yours.dtype}\n"
-                f"    expected: shape {tuple(expected.shape)} {expected.dtype}")
+        shapes = [f"shape {tuple(t.shape)} {t.dtype}" for t in (yours, expected)]
+        return f"yours:    {shapes[0]}\n    expected: {shapes[1]}"
     a, b = yours.flatten().double(), expected.flatten().double()
     bad = (~torch.isclose(a, b, rtol=1.3e-6, atol=1e-5)).nonzero().flatten()
-    shown = "; ".join(f"[{i}] yours {a[i].item():.6g}, expected {b[i].item():.6g}"
-                      for i in bad[:3].tolist())
+    shown = "; ".join(
+        f"[{i}] yours {a[i].item():.6g}, expected {b[i].item():.6g}" for i in bad[:3].tolist()
+    )
     lines = [f"{len(bad)} of {a.numel()} entries differ (flat index): {shown}"]
     nonzero = b.abs() > 1e-12
-    if nonzero.any():
+    if nonzero.any() and a.isfinite().all():
         ratios = a[nonzero] / b[nonzero]
         if torch.allclose(ratios, ratios[:1].expand_as(ratios), rtol=1e-4) and ratios[0] != 1:
             lines.append(f"yours = {ratios[0].item():.4g} x expected everywhere")
     return "\n    ".join(lines)
 
 
-def differences(yours, expected, name: str = "result") -> list[str]:
+def differences(yours: object, expected: object, name: str = "result") -> list[str]:
     """Lines saying where yours and expected differ (per entry of a dict); [] if they match."""
     import torch  # here, not at the top: a notebook kernel that only launches checks needs no torch
 
@@ -151,8 +152,12 @@ def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
     raise SystemExit(0 if all(v["verdict"] == "pass" for v in said.values()) else 1)
 
 
-def run_check(exercises: list[str], source: str | Path | None = None, nproc: int = 4,
-              timeout: float = TIMEOUT_S) -> tuple[dict, list[str]]:
+def run_check(
+    exercises: list[str],
+    source: str | Path | None = None,
+    nproc: int = 4,
+    timeout: float = TIMEOUT_S,
+) -> tuple[dict[str, str], list[str]]:
     """Check exercises (ids of one lesson) on `nproc` ranks in one run. `source`: a file with
     your function(s), or None for the lesson's own. Returns ({id: status}, report lines); status
     is "pass", "mismatch", "not attempted" or "error" (crashed, hung, or a rank said nothing)."""
@@ -160,10 +165,11 @@ def run_check(exercises: list[str], source: str | Path | None = None, nproc: int
         args = ["--worker", ",".join(exercises), "--verdicts", folder]
         if source:
             args += ["--source", str(Path(source).resolve())]
-        result = launcher.launch("course.check", nproc, args, timeout,
-                                 {"COURSE_TIMEOUT": COLLECTIVE_TIMEOUT_S})
-        said = {rank: json.loads(path.read_text()) for rank in range(nproc)
-                if (path := Path(folder) / f"rank{rank}.json").is_file()}
+        result = launcher.launch(
+            "course.check", nproc, args, timeout, {"COURSE_TIMEOUT": COLLECTIVE_TIMEOUT_S}
+        )
+        files = {rank: Path(folder) / f"rank{rank}.json" for rank in range(nproc)}
+        said = {rank: json.loads(f.read_text()) for rank, f in files.items() if f.is_file()}
     status, lines = {}, []
     for exercise in exercises:
         verdicts = {rank: said[rank][exercise] for rank in said if exercise in said[rank]}
@@ -179,31 +185,31 @@ def run_check(exercises: list[str], source: str | Path | None = None, nproc: int
             status[exercise] = "mismatch"
             for rank, v in sorted(verdicts.items()):
                 if v["verdict"] == "mismatch":
-                    said_lines = "\n".join([f"{exercise}: yours differs from expected", *v["why"]])
-                    lines += [f"[rank {rank}] {line}" for line in said_lines.split("\n")]
+                    said_lines = [f"{exercise}: yours differs from expected", *v["why"]]
+                    lines += [f"[rank {rank}] {ln}" for w in said_lines for ln in w.split("\n")]
     if "error" in status.values():  # what the ranks said is the only clue: show all of it
         lines = result.lines + result.stuck + lines
     return status, lines
 
 
-def report(status: dict, lines: list[str], nproc: int) -> None:
+def report(status: dict[str, str], lines: list[str], nproc: int) -> None:
     """Say how each exercise went, the way a learner needs to read it."""
     if lines:
         print("\n".join(lines))
     for exercise, state in status.items():
+        name = f"Exercise {exercise}:"
         if state == "pass":
-            print(f"Exercise {exercise}: PASS on all {nproc} ranks "
-                  "(matches the single-process answer)")
+            print(name, f"PASS on all {nproc} ranks (matches the single-process answer)")
         elif state == "not attempted":
             solution = solution_file(exercise).relative_to(launcher.ROOT)
-            print(f"Exercise {exercise}: not attempted yet; the solution is in {solution}")
+            print(name, f"not attempted yet; the solution is in {solution}")
         elif state == "mismatch":
-            print(f"Exercise {exercise}: yours differs from the expected answer (per rank, above)")
+            print(name, "yours differs from the expected answer (per rank, above)")
         else:
-            print(f"Exercise {exercise}: your code failed or hung (output above)")
+            print(name, "your code failed or hung (output above)")
 
 
-def check(exercise: str, *functions, nproc: int = 4, timeout: float = TIMEOUT_S) -> None:
+def check(exercise: str, *functions: Callable, nproc: int = 4, timeout: float = TIMEOUT_S) -> None:
     """In a notebook: run your function(s) on `nproc` ranks and check them. Returns None; raises
     AssertionError on a wrong answer or a crash; says so, without raising, if not attempted."""
     with tempfile.TemporaryDirectory() as folder:
@@ -218,12 +224,14 @@ def check(exercise: str, *functions, nproc: int = 4, timeout: float = TIMEOUT_S)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("exercise", nargs="?", help="a lesson (02) or one exercise (02.1)")
     p.add_argument("--solution", action="store_true", help="check solutions/NN_topic.py instead")
-    p.add_argument("--file", help="check the functions in this file instead (they run in the "
-                                  "lesson's namespace: its imports and helpers are in scope)")
+    p.add_argument(
+        "--file", help="check the functions in this file (run in the lesson's namespace)"
+    )
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by run_check for each rank
     p.add_argument("--source", help=argparse.SUPPRESS)

@@ -6,6 +6,7 @@
 - self-launch: `python lessons/NN_topic.py [--nproc N]` re-runs itself under torchrun
 Starting ranks from outside (notebooks, tests, exercise checks) is course/launcher.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,28 +17,29 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.distributed as dist
 
-# World sizes a lesson can use: (what to tell the learner, the test).
-EVEN = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2 == 0)
-AT_LEAST_2 = ("at least 2 ranks", lambda n: n >= 2)
+Needs = tuple[str, Callable[[int], bool]]  # world sizes a lesson can use: (what to say, the test)
+EVEN: Needs = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2 == 0)
+AT_LEAST_2: Needs = ("at least 2 ranks", lambda n: n >= 2)
 
 
 # Started by course.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
 # stack in a file, so the launcher can say where each rank was stuck.
 if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ and hasattr(faulthandler, "register"):
     _stack_path = f"rank{os.environ['RANK']}.{os.getpid()}.txt"
-    _stack_fd = os.open(Path(os.environ["COURSE_STACK_DIR"]) / _stack_path,
-                        os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # open for the process's lifetime
+    _stack_fd = os.open(
+        Path(os.environ["COURSE_STACK_DIR"]) / _stack_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    )  # open for the process's lifetime
     faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
 
 
-def print_rank(*args, sep=" "):
+def print_rank(*args: object, sep: str = " ") -> None:
     """print() for ranks: every line prefixed `[rank N]`, all of them in one write() call."""
     prefix = f"[rank {os.environ.get('RANK', '0')}] "
     text = sep.join(str(a) for a in args)
@@ -45,20 +47,20 @@ def print_rank(*args, sep=" "):
     sys.stdout.flush()
 
 
-def print0(*args, sep=" "):
+def print0(*args: object, sep: str = " ") -> None:
     if os.environ.get("RANK", "0") == "0":
         print_rank(*args, sep=sep)
 
 
-def print_table0(row):
+def print_table0(row: dict[str, object]) -> None:
     """Every rank passes its row (a dict, same keys on every rank); rank 0 prints them all,
     aligned, in rank order. A collective: every rank must call it."""
     rows = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(row, rows, dst=0)  # pickled, sent to rank 0; None elsewhere
     if rows:
         width = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in row}
-        print_rank("\n".join("  ".join(str(r[k]).rjust(width[k]) for k in row)
-                              for r in [dict(zip(row, row)), *rows]))
+        table = [dict(zip(row, row)), *rows]  # a header row first: each key as its own title
+        print_rank("\n".join("  ".join(str(r[k]).rjust(width[k]) for k in row) for r in table))
 
 
 # --8<-- [start:spread]
@@ -69,10 +71,21 @@ def spread(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> floa
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)  # max of -x is -(min of x)
     return (high + low).max().item()
-# --8<-- [end:spread]
+    # --8<-- [end:spread]
 
 
-def usage_error(message, every_rank=True):
+@contextlib.contextmanager
+def on_lost_peer(what: str) -> Iterator[None]:
+    """A rank that dies closes its connections: gloo fails the next send or recv with it at once
+    (any backend: after --timeout). Say in one line what was lost, instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as err:  # gloo's says "[...pair.cc:553] Connection closed by peer ..."
+        print_rank(f"error: {what} ({str(err).split('] ')[-1].split('. ')[0]})")
+        raise SystemExit(1) from None
+
+
+def usage_error(message: str, every_rank: bool = True) -> NoReturn:
     """A mistake in how the program was started: exit code 2, no traceback. every_rank: each rank
     finds it too, so wait (bounded) until all have said it, or torchrun stops the slower ones."""
     print_rank(f"error: {message}")
@@ -83,8 +96,9 @@ def usage_error(message, every_rank=True):
 
 def _all_ranks_reach(key, timeout_s=20.0):
     """A barrier on torchrun's own store, for use before (or instead of) init_process_group."""
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(address, port, is_master=False, timeout=timeout)  # torchrun hosts it
     store.add(key, 1)
     deadline = time.monotonic() + timeout_s
     while store.add(key, 0) < int(os.environ["WORLD_SIZE"]) and time.monotonic() < deadline:
@@ -94,21 +108,36 @@ def _all_ranks_reach(key, timeout_s=20.0):
 def parser(doc: str) -> argparse.ArgumentParser:
     """The lesson's own flags go on this; these are the ones every lesson shares."""
     env = os.environ.get
-    p = argparse.ArgumentParser(description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--nproc", type=int, default=4, help="ranks to start under plain python (4)")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"],
-                   default=env("COURSE_BACKEND", "auto"),
-                   help="auto: NCCL if every local rank has its own GPU, else gloo on CPU")
-    p.add_argument("--timeout", type=float, default=float(env("COURSE_TIMEOUT", "60")),
-                   help="seconds a collective may wait before it fails (60)")
-    p.add_argument("--debug", action="store_true", default=env("COURSE_DEBUG") == "1",
-                   help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout "
-                        "(collectives ~2-3x slower)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default=env("COURSE_BACKEND", "auto"),
+        help="auto: NCCL if every local rank has its own GPU, else gloo on CPU",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=float(env("COURSE_TIMEOUT", "60")),
+        help="seconds a collective may wait before it fails (60)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=env("COURSE_DEBUG") == "1",
+        help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)",
+    )
     p.add_argument("--out", default="out", help="folder for the figures a lesson saves (out/)")
-    p.add_argument("--trace", metavar="DIR", default=env("COURSE_TRACE"),
-                   help="record every rank with torch.profiler; rank 0 writes DIR/trace.json "
-                        "and DIR/timeline.png (docs: tracing)")
+    p.add_argument(
+        "--trace",
+        metavar="DIR",
+        default=env("COURSE_TRACE"),
+        help="record every rank with torch.profiler; rank 0 writes DIR/trace.json "
+        "and DIR/timeline.png (docs: tracing)",
+    )
     return p
 
 
@@ -122,27 +151,34 @@ class Rank(NamedTuple):
 
 
 @contextlib.contextmanager
-def setup(args: argparse.Namespace, needs: tuple | None = None, *, relaunch: bool = False,
-          trace: str | None = None) -> Iterator[Rank]:
+def setup(
+    args: argparse.Namespace,
+    needs: Needs | None = None,
+    *,
+    relaunch: bool = False,
+    trace: str | None = None,
+) -> Iterator[Rank]:
     """Join the process group for the length of a `with` block, and leave it however it ends.
     `needs` = (text, test): the world sizes the program accepts. Opt-ins, each visible at the
     call: relaunch=True lets plain `python lesson.py` start torchrun for itself; trace=DIR
     records the block with torch.profiler on every rank and merges the ranks (course/trace.py)."""
     if "RANK" not in os.environ:  # not started by torchrun
         if not relaunch:
-            usage_error("start this program with torchrun, e.g. torchrun --nproc-per-node 4 "
-                        f"{' '.join(_main_target())}", every_rank=False)
+            command = f"torchrun --nproc-per-node 4 {' '.join(_main_target())}"
+            usage_error(f"start this program with torchrun, e.g. {command}", every_rank=False)
         restart_under_torchrun(args.nproc, needs)
     rank, local_rank, world_size, local_world_size = (
-        int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+        int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    )
     _require(world_size, needs, f"--nproc-per-node {world_size}")  # before any collective
     backend, device = _choose_backend(args.backend, local_rank, local_world_size)
     if args.debug:  # read at `import torch.distributed`, so set it here and for child processes
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     timeout = datetime.timedelta(seconds=10 if args.debug else args.timeout)
-    dist.init_process_group(backend, timeout=timeout,
-                            device_id=device if backend == "nccl" else None)
+    dist.init_process_group(
+        backend, timeout=timeout, device_id=device if backend == "nccl" else None
+    )
     try:
         if backend == "nccl":  # create the communicator now, not inside the first timed collective
             dist.barrier(device_ids=[local_rank])
@@ -158,17 +194,20 @@ def setup(args: argparse.Namespace, needs: tuple | None = None, *, relaunch: boo
 def _choose_backend(requested, local_rank, local_world_size):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "nccl" and gpus < local_world_size:
-        usage_error(f"--backend nccl needs one GPU per local rank: {local_world_size} local ranks "
-                    f"but {gpus} GPUs (NCCL refuses two ranks on one GPU). " + (
-                        f"Start at most {gpus} ranks per node, or use --backend gloo." if gpus
-                        else "Use --backend gloo, or auto."))
+        fix = "Use --backend gloo, or auto."
+        if gpus:
+            fix = f"Start at most {gpus} ranks per node, or use --backend gloo."
+        usage_error(
+            f"--backend nccl needs one GPU per local rank: {local_world_size} local ranks "
+            f"but {gpus} GPUs (NCCL refuses two ranks on one GPU). {fix}"
+        )
     if requested == "nccl" or (requested == "auto" and 0 < local_world_size <= gpus):
         device = torch.device("cuda", local_rank)  # LOCAL_RANK picks the GPU, RANK does not
         torch.cuda.set_device(device)
         return "nccl", device
     if requested == "auto":
-        print0("no GPU: using gloo on CPU" if gpus == 0 else
-               f"{local_world_size} local ranks but {gpus} GPUs: using gloo on CPU")
+        why = f"{local_world_size} local ranks but {gpus} GPUs" if gpus else "no GPU"
+        print0(f"{why}: using gloo on CPU")
     return "gloo", torch.device("cpu")
 
 
@@ -180,19 +219,22 @@ def _main_target():
 def _require(world_size, needs, started_with):
     if needs and not needs[1](world_size):
         good = next(n for n in (4, 2, 8, 6, 3, 1) if needs[1](n))
-        usage_error(f"{' '.join(_main_target())} needs {needs[0]}, but was started with "
-                    f"{started_with}. Try: torchrun --nproc-per-node {good} "
-                    f"{' '.join(_main_target())}")
+        target = " ".join(_main_target())
+        usage_error(
+            f"{target} needs {needs[0]}, but was started with {started_with}. "
+            f"Try: torchrun --nproc-per-node {good} {target}"
+        )
 
 
-def restart_under_torchrun(nproc: int, needs: tuple | None = None) -> None:
+def restart_under_torchrun(nproc: int, needs: Needs | None = None) -> NoReturn:
     """Plain `python lesson.py`: replace this process with torchrun running the same file."""
     _require(nproc, needs, f"--nproc {nproc}")
     # Drop --nproc: torchrun would read it as an abbreviation of its own --nproc-per-node.
-    argv = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc") and
-            not (i and sys.argv[i] == "--nproc")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", *_main_target(), *argv]
+    argv = sys.argv[1:]
+    drop = {i for i, a in enumerate(argv) if a.startswith("--nproc")}
+    drop |= {i + 1 for i in drop if argv[i] == "--nproc"}  # and its value, given apart from it
+    argv = [a for i, a in enumerate(argv) if i not in drop]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun warns and sets 1 otherwise
     sys.stdout.flush()
-    os.execv(sys.executable, cmd)
+    os.execv(sys.executable, [*torchrun, f"--nproc-per-node={nproc}", *_main_target(), *argv])

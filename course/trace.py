@@ -26,6 +26,7 @@ import json
 import os
 import re
 import socket
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,10 +46,12 @@ COLORS = {"all_reduce": "#4c78a8", "broadcast": "#f58518", "all_gather": "#54a24
           "reduce_scatter": "#b279a2", "all_to_all": "#9d755d", "send": "#e45756",
           "recv": "#ff9da6", "send_recv": "#e45756", "barrier": "#bab0ac", "gather": "#eeca3b",
           "scatter": "#72b7b2", "reduce": "#79706e"}
+BUSY = "busy: CPU ops (gloo) or GPU kernels (NCCL)"  # the timeline's legend for the grey spans
+NOTE = "record_function annotation"
 
 
 @contextlib.contextmanager
-def recording(folder):
+def recording(folder: str | Path | None) -> Iterator[None]:
     """Profile this rank for the length of a `with` block; rank 0 then merges all ranks.
     `folder` None: do nothing. Needs the process group, and every rank must enter it."""
     if not folder:
@@ -92,7 +95,7 @@ def recording(folder):
     dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
 
 
-def digest(trace, groups=None):
+def digest(trace: dict, groups: list[list[int]] | None = None) -> dict:
     """One rank's trace -> what the merge needs: its communication ops, annotations and busy
     spans, with times in microseconds on the host's clock."""
     base = trace.get("baseTimeNanoseconds", 0) / 1000  # kineto's ts are relative to this
@@ -127,7 +130,7 @@ def digest(trace, groups=None):
             "busy": _union((e["start"], e["end"]) for e in busy)}
 
 
-def _op(event, args, name, calls=()):
+def _op(event: dict, args: dict, name: str, calls: Iterable[dict] = ()) -> dict | None:
     """A communication op from a profiler event: name, bytes of this rank's input, peer."""
     name = args.get("Collective name") or re.sub(r"^nccl(Dev)?Kernel_([A-Za-z]+).*", r"\2", name)
     op = OPS.get(re.sub(r"[^a-z]", "", name.lower()).replace("base", "").replace("coalesced", "")
@@ -153,12 +156,12 @@ def _op(event, args, name, calls=()):
             "tid": event["tid"], "args": {k: v for k, v in args.items() if k != "External id"}}
 
 
-def _itemsize(dtype):
+def _itemsize(dtype: str) -> int:
     """Bytes per element of a dtype named as gloo ("c10::BFloat16") or NCCL ("BFloat16") does."""
     return ITEMSIZE.get(re.sub(r"c10::|[^a-z0-9]", "", dtype.lower()), 0)
 
 
-def _numel(dims):
+def _numel(dims: list) -> int:
     if dims and isinstance(dims[0], list):  # a list of tensors
         return sum(_numel(d) for d in dims)
     n = 1
@@ -167,7 +170,7 @@ def _numel(dims):
     return n
 
 
-def _union(spans, gap=20.0):
+def _union(spans: Iterable[tuple[float, float]], gap: float = 20.0) -> list[list[float]]:
     """Overlapping or nearly touching (gap, us) spans merged: when this rank was busy."""
     merged = []
     for start, end in sorted(spans):
@@ -178,7 +181,7 @@ def _union(spans, gap=20.0):
     return merged
 
 
-def resolve_peers(digests):
+def resolve_peers(digests: list[dict]) -> None:
     """gloo names a p2p peer by its rank in the op's group, and the trace does not say which
     group. Candidates: that position in each group this rank belongs to (torch lists them in
     the trace). With several, pick the rank whose own p2p ops mirror these (a recv from this
@@ -203,7 +206,7 @@ def resolve_peers(digests):
                 op["peer"] = next(iter(found), None)
 
 
-def matched_pairs(digests):
+def matched_pairs(digests: list[dict]) -> list[tuple[int, dict, int, dict]]:
     """(sender, send op, receiver, recv op): the k-th send from a to b took the k-th recv on b
     from a (messages between two ranks arrive in order)."""
     sends, recvs = {}, {}
@@ -215,7 +218,7 @@ def matched_pairs(digests):
     return [(a, s, b, r) for (a, b), ss in sends.items() for s, r in zip(ss, recvs.get((a, b), []))]
 
 
-def align(digests):
+def align(digests: list[dict]) -> list[dict]:
     """A copy of the digests in rank order, times in ms since rank 0 left the start barrier.
     Same host as rank 0: one clock, used as it is. Another host: shifted so that its exit from
     that barrier lines up with rank 0's."""
@@ -233,7 +236,8 @@ def align(digests):
     return digests
 
 
-def merge(digests, folder, window=None, png=None, title=None):
+def merge(digests: list[dict], folder: str | Path, window: tuple[float, float] | None = None,
+          png: str | Path | None = None, title: str | None = None) -> str:
     """Write folder/trace.json and the timeline PNG (folder/timeline.png unless `png`) from
     every rank's digest; `window`: (start, end) in ms to draw. Returns a one-line summary."""
     digests, folder = align(digests), Path(folder)
@@ -247,7 +251,7 @@ def merge(digests, folder, window=None, png=None, title=None):
             f"wrote {folder / 'trace.json'} (open it in https://ui.perfetto.dev) and {png}")
 
 
-def _chrome(digests, pairs):
+def _chrome(digests: list[dict], pairs: list[tuple[int, dict, int, dict]]) -> dict:
     """The merged Chrome trace: a process per rank; times in us since the start barrier."""
     out = []
     for d in digests:
@@ -302,64 +306,66 @@ def _lanes(ops):
     return lane_of, max(len(ends), 1)
 
 
-def draw(digests, pairs, path, title, window=None):
-    """The swimlane PNG: per rank, annotations on top, communication boxes, busy spans below."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+def draw(
+    digests: list[dict],
+    pairs: list[tuple],
+    path: str | Path,
+    title: str,
+    window: tuple[float, float] | None = None,
+) -> None:
+    """The swimlane PNG, drawn by course/plots.py: per rank, annotations on top, communication
+    boxes (overlapping ones in sub-lanes), busy spans below; an arrow from each send to its recv,
+    dashed red where the two disagree on the bytes."""
+    from course.plots import timeline
 
     ops = [op for d in digests for op in d["ops"]]
-    lo, hi = window or (0.0, max([1.0] + [op["t"][1] for op in ops] +
-                                 [e for d in digests for _, e, *_ in d["busy"] + d["notes"]]))
-    height = 1.3 + 0.9 * len(digests)  # inches: a lane per rank, room for title, legend, axis
-    fig = Figure(figsize=(13, height), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.07, 0.55 / height, 0.91, 1 - 1.25 / height))
-    px_per_ms = fig.get_figwidth() * fig.dpi * 0.91 / (hi - lo)
-    place = {}  # id(op) -> (y top, height): where its box is, for labels and arrows
+    ends = [op["t"][1] for op in ops] + [e for d in digests for _, e, *_ in d["busy"] + d["notes"]]
+    lo, hi = window or (0.0, max([1.0, *ends]))
+    thin = (hi - lo) / 2000  # the narrowest box: an op too short to see still shows
+    lanes, box = {}, {}  # rank -> its boxes; id(op) -> the op's box, for the arrows
     for d in digests:
-        y = d["rank"]
-        ax.broken_barh([(s, e - s) for s, e in d["busy"]], (y + 0.30, 0.12), color="#c8c8c8")
-        for name, s, e, _ in d["notes"]:
-            ax.broken_barh([(s, e - s)], (y - 0.44, 0.10), color="#555555")
-            if (e - s) * px_per_ms > 6 * len(name):
-                ax.text(max(s, lo), y - 0.46, name, fontsize=7, va="bottom", clip_on=True)
+        boxes = [
+            dict(start=s, end=e, color="#c8c8c8", kind=BUSY, y=0.30, h=0.12) for s, e in d["busy"]
+        ]
+        boxes += [
+            dict(start=s, end=e, color="#555555", kind=NOTE, y=-0.44, h=0.10, text=name, above=True)
+            for name, s, e, _ in d["notes"]
+        ]
         mine = sorted(d["ops"], key=lambda o: o["t"][0])
         lane_of, n = _lanes(mine)
         for op, lane in zip(mine, lane_of):
-            top, tall = y - 0.3 + lane * 0.6 / n, 0.6 / n
-            s, e = op["t"]
-            ax.broken_barh([(s, max(e - s, (hi - lo) / 2000))], (top, tall), alpha=0.9,
-                           color=COLORS.get(op["op"], "#999999"), edgecolor="black", linewidth=0.3)
-            place[id(op)] = (top, tall)
-            text = _label(op)
-            if n <= 3 and (e - s) * px_per_ms > 6 * len(text) and lo <= (s + e) / 2 <= hi:
-                ax.text((max(s, lo) + min(e, hi)) / 2, top + tall / 2, text, fontsize=6.5,
-                        ha="center", va="center", clip_on=True)
-    for a, send, b, recv in pairs:
-        (ts, hs), (tr, hr) = place[id(send)], place[id(recv)]
-        same = (send["bytes"] == recv["bytes"])
-        ax.annotate("", xy=(recv["t"][1], tr if b > a else tr + hr),
-                    xytext=(send["t"][0], ts + hs if b > a else ts),
-                    arrowprops=dict(arrowstyle="->", lw=0.8, color="black" if same else "red",
-                                    linestyle="-" if same else "--"))
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(len(digests) - 0.5, -0.55)
-    ax.set_yticks(range(len(digests)), [f"rank {d['rank']}" for d in digests])
-    ax.set_xlabel("ms since the ranks left the barrier that starts the recording", fontsize=8)
-    fig.text(0.07, 1 - 0.12 / height, title, fontsize=10, va="top")
-    seen = sorted({op["op"] for op in ops})
-    handles = [Patch(color=COLORS.get(o, "#999999"), label=o) for o in seen]
-    handles += [Patch(color="#c8c8c8", label="busy: CPU ops (gloo) or GPU kernels (NCCL)"),
-                Patch(color="#555555", label="record_function annotation")]
-    ax.legend(handles=handles, fontsize=7, ncol=len(handles), loc="lower left",
-              bbox_to_anchor=(0, 1.0), frameon=False, handlelength=1.2, columnspacing=1.2)
-    ax.grid(axis="x", alpha=0.3)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+            (s, e), label = op["t"], _label(op) if n <= 3 else None  # 4+ sub-lanes: too thin
+            color = COLORS.get(op["op"], "#999999")
+            box[id(op)] = dict(
+                start=s,
+                end=max(e, s + thin),
+                color=color,
+                kind=op["op"],
+                y=-0.3 + lane * 0.6 / n,
+                h=0.6 / n,
+                alpha=0.9,
+                edge="black",
+                text=label,
+            )
+            boxes.append(box[id(op)])
+        lanes[f"rank {d['rank']}"] = boxes
+    arrows = [(box[id(s)], box[id(r)], s["bytes"] == r["bytes"]) for _, s, _, r in pairs]
+    xlabel = "ms since the ranks left the barrier that starts the recording"
+    legend = sorted({op["op"] for op in ops}) + [BUSY, NOTE]
+    timeline(
+        {"": lanes},
+        path,
+        title,
+        xlabel,
+        arrows=arrows,
+        window=(lo, hi),
+        legend=legend,
+        width=13,
+        lane=0.9,
+    )
 
 
-def main():
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a --trace folder holding rank0.json, rank1.json, ...")

@@ -17,51 +17,84 @@ What you should see
     overlap on and off. Figures go to --out (out/): 06_demo_loss.png and 06_demo_timeline.png;
     with --bench, 06_demo_bench.png and 06_demo_bench_timeline.png.
 Modules: models.py, data.py (importable on their own), knowledge.py (what is sent, the losses),
-comms.py (who talks to whom, the protocol), train.py (the steps), bench.py, report.py.
+comms.py (who talks to whom, the protocol), train.py (the steps), reference.py (one process
+doing it all, to compare with), bench.py, report.py.
 Setup and printing come from course/ranks.py.
 """
+
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from course.plots import plot_losses
+from course.ranks import parser, print0, print_rank, setup, spread, usage_error
 from distill_demo.bench import run_bench
-from distill_demo.comms import HEADER_BYTES, Channel, Layout, PeerLost, make_groups, parse_ratio
-from distill_demo.data import MarkovData
+from distill_demo.comms import (
+    HEADER_BYTES,
+    Groups,
+    Layout,
+    P2PTeachers,
+    PeerLost,
+    make_groups,
+    parse_ratio,
+)
 from distill_demo.knowledge import MODES, bytes_per_token
 from distill_demo.models import SIZES
-from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_losses, \
-    plot_timelines
-from distill_demo.train import RECIPES, Run, Session, new_student, prepare_teacher, \
-    student_session, teacher_session
-from course.ranks import parser, print0, print_rank, setup, usage_error
+from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_timelines
+from distill_demo.train import (
+    RECIPES,
+    Batches,
+    Config,
+    Result,
+    Session,
+    new_student,
+    prepare_teacher,
+    teacher_session,
+    train_student,
+)
 
 TIMELINE_STEPS = 3  # the last steps of a run go on the timeline
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--ratio", default="1:1", help="teachers:students, e.g. 1:1, 1:3, 3:1 (1:1)")
-    p.add_argument("--transfer", choices=MODES, default="full",
-                   help="what the teachers send: full probabilities, top-k logits, or hidden "
-                        "states (full)")
+    p.add_argument(
+        "--transfer",
+        choices=MODES,
+        default="full",
+        help="what the teachers send: full probabilities, top-k logits, or hidden states (full)",
+    )
     p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
-    p.add_argument("--overlap", choices=["on", "off"], default="on",
-                   help="student computes while its teachers do, and asks for the next step "
-                        "early (on)")
+    p.add_argument(
+        "--overlap",
+        choices=["on", "off"],
+        default="on",
+        help="student computes while its teachers do, and asks for the next step early (on)",
+    )
     p.add_argument("--steps", type=int, default=60, help="training steps (60)")
-    p.add_argument("--teacher-steps", type=int, default=None,
-                   help="steps the teacher trains on the data first (60, 200 with --size "
-                        "large; 0 with --bench)")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=None,
+        help="steps the teacher trains on the data first (60, 200 with --size "
+        "large; 0 with --bench)",
+    )
     p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
     p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="the students' AdamW step size (0.01; small 0.003, large 0.0003)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="the students' AdamW step size (0.01; small 0.003, large 0.0003)",
+    )
     p.add_argument("--bench", action="store_true", help="time every mode, overlap on and off")
     p.add_argument("--warmup", type=int, default=3, help="--bench: untimed steps first (3)")
     p.add_argument("--repeats", type=int, default=10, help="--bench: timed steps, median (10)")
@@ -74,7 +107,7 @@ def parse_args(argv=None):
     return args
 
 
-def validate(args, world_size) -> Layout:
+def validate(args: argparse.Namespace, world_size: int) -> Layout:
     """Every mistake in the flags, said on every rank before any rank joins the group."""
     try:
         layout = Layout(world_size, *parse_ratio(args.ratio))
@@ -84,94 +117,124 @@ def validate(args, world_size) -> Layout:
     for bad, message in [
         (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
         (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
-        (not 1 <= args.topk <= args.vocab,
-         f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
-         f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}"),
-        (args.batch < per_student,
-         f"--batch {args.batch}: each student splits its batch's rows over its {per_student} "
-         f"teachers (--ratio {args.ratio}), so it needs at least {per_student} rows"),
-        (args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.teacher_steps < 0,
-         "--steps and --repeats must be at least 1, --warmup and --teacher-steps at least 0"),
+        (
+            not 1 <= args.topk <= args.vocab,
+            f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
+            f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}",
+        ),
+        (
+            args.batch < per_student,
+            f"--batch {args.batch}: each student splits its batch's rows over its {per_student} "
+            f"teachers (--ratio {args.ratio}), so it needs at least {per_student} rows",
+        ),
+        (
+            args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.teacher_steps < 0,
+            "--steps and --repeats must be at least 1, --warmup and --teacher-steps at least 0",
+        ),
     ]:
         if bad:
             usage_error(message)
     return layout
 
 
-def train(run: Run):
+def train(args: argparse.Namespace, cfg: Config, rank: int, layout: Layout, groups: Groups) -> None:
     """One training run; rank 0 reports what it did, checks it and draws it."""
-    args = run.args
-    session = Session(args.transfer, args.overlap == "on", args.steps,
-                      record=range(max(0, args.steps - TIMELINE_STEPS), args.steps))
+    session = Session(
+        args.transfer,
+        args.overlap == "on",
+        args.steps,
+        record=range(max(0, args.steps - TIMELINE_STEPS), args.steps),
+    )
+    timeline = Timeline(cfg.device)
     result = answered = student = None
-    if run.rank in run.layout.students:
-        student, optimizer = new_student(run)
-        progress = Progress(args.steps, "train") if run.rank == 0 else None
-        result = student_session(run, student, optimizer, session,
-                                 progress and (lambda step, loss: progress.update(step, loss=loss)))
+    if rank in layout.students:
+        student, optimizer = new_student(cfg)
+        progress = Progress(args.steps, "train") if rank == 0 else None
+        teachers = P2PTeachers(cfg.device, rank, layout, groups)  # lesson 06: isend, recv
+        batches = Batches(cfg, layout.students.index(rank))
+        on_step = progress and (lambda step, loss: progress.update(step, loss=loss))
+        result = train_student(
+            cfg, session, student, optimizer, teachers, batches, timeline, groups.students, on_step
+        )
         weights = torch.cat([p.detach().reshape(-1) for p in student.parameters()])
-        high, low = weights.clone(), -weights  # max - min over the students: 0 if all agree
-        dist.all_reduce(high, dist.ReduceOp.MAX, group=run.groups.students)
-        dist.all_reduce(low, dist.ReduceOp.MAX, group=run.groups.students)
-        gap = (high + low).max().item()
-        assert gap == 0.0, f"rank {run.rank}: student weights differ across students by {gap}"
+        gap = spread(weights, groups.students)  # max - min over the students: 0 if all agree
+        assert gap == 0.0, f"rank {rank}: student weights differ across students by {gap}"
     else:
-        answered = teacher_session(run, prepare_teacher(run), session)
-    everyone = [None] * dist.get_world_size() if run.rank == 0 else None
-    dist.gather_object((answered, run.timeline.take()), everyone, dst=0)
-    if run.rank == 0:
-        report(run, result, everyone)
+        teacher = prepare_teacher(cfg, rank, layout.teachers[0], groups.teachers)
+        answered = teacher_session(cfg, session, teacher, rank, layout, groups, timeline)
+    everyone = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object((answered, timeline.take()), everyone, dst=0)
+    if rank == 0:
+        report(args, cfg, layout, result, everyone)
         if args.save:
             torch.save(student.state_dict(), args.save)
             print0(f"saved the student's weights to {args.save}")
 
 
-def report(run: Run, result, everyone):
-    args, layout = run.args, run.layout
+def report(
+    args: argparse.Namespace, cfg: Config, layout: Layout, result: Result, everyone: list
+) -> None:
+    """Rank 0: the bytes, the checks and the figures. everyone: (answered, timeline) per rank."""
     tokens = args.batch * args.seq
     teacher_dim = SIZES[args.size]["teacher"][0]
-    per_token = bytes_per_token(args.transfer, args.vocab, args.topk, teacher_dim,
-                                torch.finfo(run.dtype).bits // 8)
+    per_token = bytes_per_token(
+        args.transfer, args.vocab, args.topk, teacher_dim, torch.finfo(cfg.dtype).bits // 8
+    )
     n_teachers = len(layout.units[0].teachers)
-    print0(f"bytes per step per student: {result.bytes_in:,.0f} from its teachers, "
-           f"{result.bytes_out:,.0f} to them (ids)")
+    print0(
+        f"bytes per step per student: {result.bytes_in:,.0f} from its teachers, "
+        f"{result.bytes_out:,.0f} to them (ids)"
+    )
     expected = tokens * per_token + n_teachers * HEADER_BYTES  # a header per answer
     assert result.bytes_in == expected, f"rank 0: {result.bytes_in} bytes a step, not {expected}"
-    print0(f"checked: that is {tokens} tokens x {per_token:,} bytes ({args.transfer}) + "
-           f"{n_teachers} header{'s' * (n_teachers > 1)}, as knowledge.bytes_per_token says")
+    print0(
+        f"checked: that is {tokens} tokens x {per_token:,} bytes ({args.transfer}) + "
+        f"{n_teachers} header{'s' * (n_teachers > 1)}, as knowledge.bytes_per_token says"
+    )
     losses = result.losses
     check_loss_fell(losses, args)
-    print0("checked: every student holds the same weights (spread 0 over the student group "
-           f"of {len(layout.students)})")
+    print0(
+        "checked: every student holds the same weights (spread 0 over the student group "
+        f"of {len(layout.students)})"
+    )
     answered = [everyone[t][0] for t in layout.teachers]
     assert answered == [args.steps] * len(layout.teachers), f"rank 0: teachers answered {answered}"
     print0(f"checked: each teacher answered {args.steps} steps and stopped on the stop message")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = (f"{args.transfer}, overlap {args.overlap}, {layout.ratio[0]}:{layout.ratio[1]} "
-             f"on {dist.get_world_size()} ranks ({run.device.type})")
+    title = (
+        f"{args.transfer}, overlap {args.overlap}, {layout.ratio[0]}:{layout.ratio[1]} "
+        f"on {dist.get_world_size()} ranks ({cfg.device.type})"
+    )
     plot_losses({args.transfer: losses}, out / "06_demo_loss.png", f"distill_demo: {title}")
-    plot_timelines({f"last {TIMELINE_STEPS} steps": {r: e for r, (_, e) in enumerate(everyone)}},
-                   {r: layout.name(r) for r in range(len(everyone))},
-                   out / "06_demo_timeline.png", f"distill_demo: {title}")
+    plot_timelines(
+        {f"last {TIMELINE_STEPS} steps": {r: e for r, (_, e) in enumerate(everyone)}},
+        {r: layout.name(r) for r in range(len(everyone))},
+        out / "06_demo_timeline.png",
+        f"distill_demo: {title}",
+    )
     print0(f"figures: {out / '06_demo_loss.png'}, {out / '06_demo_timeline.png'}")
 
 
-def main():
+def main() -> None:
     args = parse_args()
     layout = validate(args, int(os.environ.get("WORLD_SIZE", args.nproc)))
     with setup(args, relaunch=True, trace=args.trace) as ctx:
-        run = Run(args, ctx.rank, ctx.device, layout, make_groups(layout, ctx.timeout),
-                  Channel(ctx.device, layout.name), MarkovData(args.vocab, args.seq),
-                  Timeline(ctx.device))
+        cfg = Config.from_args(args, ctx.device)
+        groups = make_groups(layout, ctx.timeout)
         for line in layout.describe():
             print0(line)
         teacher, student = SIZES[args.size]["teacher"], SIZES[args.size]["student"]
-        print0(f"models ({args.size}): teacher {teacher[1]} layers x {teacher[0]}, student "
-               f"{student[1]} x {student[0]}; vocab {args.vocab}, seq {args.seq}, batch "
-               f"{args.batch} per student; {str(run.dtype).removeprefix('torch.')}")
+        print0(
+            f"models ({args.size}): teacher {teacher[1]} layers x {teacher[0]}, student "
+            f"{student[1]} x {student[0]}; vocab {args.vocab}, seq {args.seq}, batch "
+            f"{args.batch} per student; {str(cfg.dtype).removeprefix('torch.')}"
+        )
         try:
-            run_bench(run) if args.bench else train(run)
+            if args.bench:
+                run_bench(args, cfg, ctx.rank, layout, groups)
+            else:
+                train(args, cfg, ctx.rank, layout, groups)
         except (PeerLost, CheckFailed) as err:  # one line naming it, not a traceback per rank
             print_rank(f"error: {err}")
             raise SystemExit(1) from None

@@ -7,6 +7,7 @@ peaked on a few tokens, which is what makes top-k distillation work. Importable 
     data = MarkovData(vocab=256, seq=32)
     ids = data.batch(step=0, shard=1, size=8)   # (8, 32) int64; the same on every call and rank
 """
+
 from __future__ import annotations
 
 import torch

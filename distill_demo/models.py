@@ -9,6 +9,7 @@ smaller student size. Importable on its own (rpc_demo uses the same models):
 `hidden()` and `lm_head` are separate so the teacher can ship its hidden states and a student
 that holds a copy of the teacher's lm_head can form the teacher's logits itself.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,14 +48,16 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(),
-                                 nn.Linear(4 * cfg.dim, cfg.dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim)
+        )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(dim, dim=-1)
-        q, k, v = (t.view(batch, seq, self.heads, dim // self.heads).transpose(1, 2)
-                   for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        q, k, v = (
+            t.view(batch, seq, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v)
+        )  # (batch, heads, seq, head_dim)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash on GPUs
         x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, dim))
         return x + self.mlp(self.norm2(x))
@@ -77,7 +80,7 @@ class TinyTransformer(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def hidden(self, ids):
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq) ids -> (batch, seq, dim): the last hidden states, normed, before lm_head."""
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.tokens(ids) + self.positions(positions)
@@ -85,7 +88,7 @@ class TinyTransformer(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, ids):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq) ids -> (batch, seq, vocab) logits for the next token."""
         return self.lm_head(self.hidden(ids))
 

@@ -1,5 +1,7 @@
-"""The training logic of distill_demo: what a student and a teacher do each step. Messages go
-through comms.Channel; what a teacher sends and the loss a student takes come from knowledge.py.
+"""The training logic of distill_demo: what a student and a teacher do each step. What a teacher
+sends and the loss a student takes come from knowledge.py; how a student reaches its teachers is
+a Teachers (comms.P2PTeachers here, over lesson 06's messages; rpc_demo's RpcTeachers over RPC),
+the one thing that differs between the two demos.
 
 A student, each step: asks its teachers (each gets a block of its batch's rows), runs its own
 forward pass while they work, collects their answers, takes the loss, backpropagates, averages
@@ -7,23 +9,26 @@ gradients (and the loss) over the students in one all_reduce, and steps AdamW. W
 it also sends the next step's ids before its backward pass, so the teachers compute the next
 answer while it trains on this one. A teacher answers until every student of its unit says STOP.
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple, Protocol
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from distill_demo.comms import Channel, Groups, Layout, PeerLost, average_, broadcast_
+from course.ranks import print_rank
+from distill_demo.comms import Channel, Groups, Layout, PeerLost, average_, broadcast_, unit_of
 from distill_demo.data import MarkovData
 from distill_demo.knowledge import student_loss, teacher_message
-from distill_demo.models import make_student, make_teacher
+from distill_demo.models import TinyTransformer, make_student, make_teacher
 from distill_demo.report import Timeline
-from course.ranks import print_rank
 
 PRETRAIN_SHARD = 1_000_000  # the teacher's own data: never a student's shard
 
@@ -32,57 +37,55 @@ PRETRAIN_SHARD = 1_000_000  # the teacher's own data: never a student's shard
 class Recipe(NamedTuple):
     """How a size trains. Larger models need smaller steps, and a 32768-token vocabulary needs
     more pretraining: tools/gpu/recipe_probe.py measured these (docs/distill_demo.md)."""
+
     teacher_lr: float  # the teacher's AdamW step size while it pretrains
     warmup: int  # its steps of linear warm-up to teacher_lr (large models diverge without)
     teacher_steps: int  # the default --teacher-steps
     student_lr: float  # the default --lr
 
 
-RECIPES = {"tiny": Recipe(1e-2, 0, 60, 1e-2), "small": Recipe(1e-3, 0, 60, 3e-3),
-           "large": Recipe(3e-4, 10, 200, 3e-4)}
+RECIPES = {
+    "tiny": Recipe(1e-2, 0, 60, 1e-2),
+    "small": Recipe(1e-3, 0, 60, 3e-3),
+    "large": Recipe(3e-4, 10, 200, 3e-4),
+}
 # --8<-- [end:recipes]
 
 
-@dataclass
-class Run:
-    """Everything a rank's role needs, made once by __main__."""
-    args: argparse.Namespace
-    rank: int
+@dataclass(frozen=True)
+class Config:
+    """What training needs to know, fixed for a whole run: the flags that shape it, and the
+    device. Both demos make one from their flags; the single-process reference takes one too."""
+
+    size: str  # the models' size (models.SIZES)
+    vocab: int
+    seq: int  # tokens per sequence
+    batch: int  # sequences per student per step
+    lr: float  # the students' AdamW step size
+    topk: int  # k for --transfer topk
+    teacher_steps: int  # the first teacher pretrains this many steps
     device: torch.device
-    layout: Layout
-    groups: Groups
-    channel: Channel
-    data: MarkovData
-    timeline: Timeline
-    cycle: int = 0  # >0: reuse this many pre-made batches (the benchmark's data costs nothing)
-    _batches: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> Config:
+        """Each field from the flag of its name (--teacher-steps: args.teacher_steps)."""
+        flags = [f.name for f in fields(cls) if f.name != "device"]
+        return cls(**{name: getattr(args, name) for name in flags}, device=device)
 
     @property
-    def dtype(self):  # what the teacher computes in, and the student's autocast
+    def dtype(self) -> torch.dtype:  # what the teacher computes in, and the student's autocast
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type != "cuda":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def batch(self, step: int, shard: int) -> torch.Tensor:
-        if not self.cycle:
-            return self.data.batch(step, shard, self.args.batch).to(self.device)
-        key = (step % self.cycle, shard)
-        if key not in self._batches:
-            self._batches[key] = self.data.batch(*key, self.args.batch).to(self.device)
-        return self._batches[key]
 
-    def unit(self):
-        """(this rank's unit, the group of that unit)"""
-        index = self.layout.unit_of(self.rank)
-        return self.layout.units[index], self.groups.units[index]
-
-
-@dataclass
+@dataclass(frozen=True)
 class Session:
     """A stretch of training with one setting; the benchmark runs several, one after another."""
+
     mode: str  # "full", "topk" or "hidden": see knowledge.py
     overlap: bool
     steps: int
@@ -92,14 +95,64 @@ class Session:
 
 @dataclass
 class Result:
-    losses: list = field(default_factory=list)  # mean over the students, per step
-    seconds: list = field(default_factory=list)  # per step
-    bytes_in: float = 0.0  # per step: the teachers' answers, headers included
+    losses: list[float] = field(default_factory=list)  # mean over the students, per step
+    seconds: list[float] = field(default_factory=list)  # per step
+    bytes_in: float = 0.0  # per step: the teachers' answers (over p2p, headers included)
     bytes_out: float = 0.0  # per step: the ids sent to the teachers
 
 
-def pretrain(teacher, data: MarkovData, size: str, steps: int, batch: int, device,
-             lr: float | None = None, warmup: int | None = None) -> list[float]:
+class Batches:
+    """One student's batches (its shard of the data), on its device. cycle > 0: only that many
+    distinct steps, made once and reused, so that a benchmark's data costs nothing."""
+
+    def __init__(self, cfg: Config, shard: int, cycle: int = 0):
+        self.data, self.size, self.device = MarkovData(cfg.vocab, cfg.seq), cfg.batch, cfg.device
+        self.shard, self.cycle, self.made = shard, cycle, {}
+
+    def __call__(self, step: int) -> torch.Tensor:
+        if not self.cycle:
+            return self.data.batch(step, self.shard, self.size).to(self.device)
+        step %= self.cycle
+        if step not in self.made:
+            self.made[step] = self.data.batch(step, self.shard, self.size).to(self.device)
+        return self.made[step]
+
+
+class Teachers(Protocol):
+    """How a student reaches its teachers: the one thing that differs between distill_demo
+    (comms.P2PTeachers, isend/irecv) and rpc_demo (rpc_demo.student.RpcTeachers, RPC)."""
+
+    ranks: list[int]  # the student's teachers: each gets a block of the batch's rows
+    sent: int  # bytes sent to them so far
+    received: int  # bytes received from them so far
+
+    def lm_head(self) -> torch.Tensor:
+        """The first teacher's lm_head weight (--transfer hidden), once a session."""
+
+    def ask(self, blocks: list[torch.Tensor], record: bool) -> object:
+        """Start sending teacher i blocks[i]; returns at once, with what collect() needs.
+        `record`: that step is on the timeline."""
+
+    def collect(self, asked: object, step: int) -> list[list[torch.Tensor]]:
+        """Wait for what `asked` asked for: each teacher's answer (knowledge.teacher_message)."""
+
+    def done(self) -> None:
+        """The session is over."""
+
+    def at_step(self, err: PeerLost, step: int) -> str:
+        """What to say of `err` (a peer that left), which happened at `step`."""
+
+
+def pretrain(
+    teacher: torch.nn.Module,
+    data: MarkovData,
+    size: str,
+    steps: int,
+    batch: int,
+    device: torch.device | str,
+    lr: float | None = None,
+    warmup: int | None = None,
+) -> list[float]:
     """Train `teacher` to predict the next token for `steps` steps with its size's recipe (or
     with `lr` and `warmup` instead). Returns its loss at every step."""
     lr = RECIPES[size].teacher_lr if lr is None else lr
@@ -118,64 +171,76 @@ def pretrain(teacher, data: MarkovData, size: str, steps: int, batch: int, devic
     return losses
 
 
-def prepare_teacher(run: Run) -> torch.nn.Module:
-    """The first teacher trains on the data for --teacher-steps (a real run would load a
-    checkpoint), then hands its weights to every other teacher."""
-    args = run.args
-    teacher = make_teacher(args.size, args.vocab, args.seq).to(run.device)
-    first = run.layout.teachers[0]
-    if run.rank == first and args.teacher_steps:
-        losses = pretrain(teacher, run.data, args.size, args.teacher_steps, args.batch,
-                          run.device)
-        print_rank(f"teacher pretrained for {args.teacher_steps} steps: next-token loss "
-                   f"{losses[0]:.2f} -> {losses[-1]:.2f} (the data's entropy: "
-                   f"{run.data.entropy():.2f})")
-    broadcast_(teacher, first, run.groups.teachers)  # every teacher answers alike
-    return teacher.to(run.dtype).eval()
+def prepare_teacher(
+    cfg: Config, rank: int, first: int, group: dist.ProcessGroup | None
+) -> TinyTransformer:
+    """Rank `first` trains the teacher on the data for --teacher-steps (a real run would load a
+    checkpoint), then hands its weights to every other rank of `group` (None: the default
+    world). `rank` and `first` count in the default world."""
+    teacher = make_teacher(cfg.size, cfg.vocab, cfg.seq).to(cfg.device)
+    if rank == first and cfg.teacher_steps:
+        data = MarkovData(cfg.vocab, cfg.seq)
+        losses = pretrain(teacher, data, cfg.size, cfg.teacher_steps, cfg.batch, cfg.device)
+        print_rank(
+            f"teacher pretrained for {cfg.teacher_steps} steps: next-token loss "
+            f"{losses[0]:.2f} -> {losses[-1]:.2f} (the data's entropy: "
+            f"{data.entropy():.2f})"
+        )
+    broadcast_(teacher, first, group)  # every teacher answers alike
+    return teacher.to(cfg.dtype).eval()
+
+
+def new_student(cfg: Config) -> tuple[TinyTransformer, torch.optim.Optimizer]:
+    student = make_student(cfg.size, cfg.vocab, cfg.seq).to(cfg.device)
+    return student, torch.optim.AdamW(student.parameters(), lr=cfg.lr)
 
 
 # --8<-- [start:student]
-def student_session(run: Run, student, optimizer, session: Session, on_step=None) -> Result:
-    unit, group = run.unit()
-    shard = run.layout.students.index(run.rank)
-    channel, phase, result = run.channel, run.timeline.phase, Result()
-    params = list(student.parameters())
+def train_student(
+    cfg: Config,
+    session: Session,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    teachers: Teachers,
+    batches: Batches,
+    timeline: Timeline,
+    group: dist.ProcessGroup | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> Result:
+    """`session.steps` steps of one student, its gradients averaged over `group` (the
+    students). Returns the mean loss over the students per step, step times, bytes moved."""
+    phase, result, params = timeline.phase, Result(), list(student.parameters())
     lm_head = None
     if session.mode == "hidden":  # once per session: the teacher's lm_head, to form its logits
-        lm_head = channel.recv(unit.teachers[0], group)[0]
+        lm_head = teachers.lm_head()
 
     def ask(step):
         """Send this step's ids, a block of rows to each teacher; returns (ids, requests)."""
-        ids = run.batch(step, shard)
-        blocks = ids.tensor_split(len(unit.teachers))
-        return ids, [(t, channel.send([b], t, group)) for t, b in zip(unit.teachers, blocks)]
+        ids = batches(step)
+        return ids, teachers.ask(ids.tensor_split(len(teachers.ranks)), step in session.record)
 
-    def collect(sending):
+    def collect(asked, step):
         """The teachers' answers, their row blocks put back together."""
-        for teacher, requests in sending:
-            channel.wait(requests, teacher)
-        answers = [channel.recv(t, group) for t in unit.teachers]
-        if any(a is None for a in answers):
-            raise RuntimeError(f"rank {run.rank}: a teacher sent STOP; only students send it")
+        answers = teachers.collect(asked, step)
         return [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*answers)]
 
     def train_step(step, pending):
         """One step. `pending`: this step's request, if sent early. Returns the next one's."""
-        with run.autocast():
+        with cfg.autocast():
             if session.overlap:
-                ids, sending = pending
+                ids, asked = pending
                 with phase("forward"):
                     logits = student(ids)  # the teachers compute this step's answer meanwhile
                 with phase("wait teacher"):
-                    message = collect(sending)
+                    message = collect(asked, step)
                 if step + 1 < session.steps:
                     with phase("send ids"):  # they start on the next step during my backward
                         pending = ask(step + 1)
             else:
                 with phase("send ids"):
-                    ids, sending = ask(step)
+                    ids, asked = ask(step)
                 with phase("wait teacher"):
-                    message = collect(sending)
+                    message = collect(asked, step)
                 with phase("forward"):
                     logits = student(ids)
         with phase("loss+backward"):
@@ -183,42 +248,51 @@ def student_session(run: Run, student, optimizer, session: Session, on_step=None
             loss.backward()
         mean_loss = loss.detach().reshape(1)
         with phase("all_reduce"):  # the loss rides along with the gradients: one collective
-            average_([p.grad for p in params] + [mean_loss], run.groups.students)
+            average_([p.grad for p in params] + [mean_loss], group)
         with phase("optimizer"):
             optimizer.step()
             optimizer.zero_grad()
         result.losses.append(mean_loss.item())  # waits for the GPU: the step is done
         return pending
 
-    sent, received, step = channel.sent, channel.received, 0
+    sent, received, step = teachers.sent, teachers.received, 0
     try:
         pending = ask(0) if session.overlap else None
         for step in range(session.steps):
-            run.timeline.recording = step in session.record
+            timeline.recording = step in session.record
             start = time.perf_counter()
             pending = train_step(step, pending)
-            if session.timed and run.device.type == "cuda":
+            if session.timed and cfg.device.type == "cuda":
                 torch.cuda.synchronize()
             result.seconds.append(time.perf_counter() - start)
             if on_step:
                 on_step(step + 1, result.losses[-1])
-        result.bytes_out = (channel.sent - sent) / session.steps
-        result.bytes_in = (channel.received - received) / session.steps
-        for teacher in unit.teachers:
-            channel.send_stop(teacher, group)
+        result.bytes_out = (teachers.sent - sent) / session.steps
+        result.bytes_in = (teachers.received - received) / session.steps
+        teachers.done()
     except PeerLost as err:  # say when, too
-        raise PeerLost(f"{err} at step {step + 1}") from None
-    run.timeline.recording = False
+        raise PeerLost(teachers.at_step(err, step + 1)) from None
+    timeline.recording = False
     return result
+
+
 # --8<-- [end:student]
 
 
 # --8<-- [start:teacher]
-def teacher_session(run: Run, teacher, session: Session) -> int:
+def teacher_session(
+    cfg: Config,
+    session: Session,
+    teacher: torch.nn.Module,
+    rank: int,
+    layout: Layout,
+    groups: Groups,
+    timeline: Timeline,
+) -> int:
     """Answer the unit's students until they all send STOP; returns the steps answered."""
-    unit, group = run.unit()
-    channel, phase = run.channel, run.timeline.phase
-    if session.mode == "hidden" and run.rank == unit.teachers[0]:
+    unit, group = unit_of(rank, layout, groups)
+    channel, phase = Channel(cfg.device, layout.name), timeline.phase
+    if session.mode == "hidden" and rank == unit.teachers[0]:
         for student in unit.students:  # the lm_head goes once; then only hidden states travel
             channel.wait(channel.send([teacher.lm_head.weight.detach()], student, group), student)
 
@@ -227,32 +301,31 @@ def teacher_session(run: Run, teacher, session: Session) -> int:
         if all(r is None for r in requests):
             return None
         if any(r is None for r in requests):
-            raise RuntimeError(f"rank {run.rank}: some students sent STOP and others did not")
+            raise RuntimeError(f"rank {rank}: some students sent STOP and others did not")
         return [r[0] for r in requests]
 
     answered = 0
-    run.timeline.recording = 0 in session.record
+    timeline.recording = 0 in session.record
     with phase("wait students"):
         requests = receive()
     while requests is not None:
         with phase("forward"):  # all of the unit's rows in one forward pass
-            message = teacher_message(session.mode, teacher, torch.cat(requests), run.args.topk)
+            message = teacher_message(session.mode, teacher, torch.cat(requests), cfg.topk)
         with phase("answer"):
             rows = [len(r) for r in requests]
             parts = [m.split(rows) for m in message]
-            sending = [(s, channel.send([p[i] for p in parts], s, group))
-                       for i, s in enumerate(unit.students)]
+            sending = [
+                (s, channel.send([p[i] for p in parts], s, group))
+                for i, s in enumerate(unit.students)
+            ]
             for student, works in sending:
                 channel.wait(works, student)
         answered += 1
-        run.timeline.recording = answered in session.record
+        timeline.recording = answered in session.record
         with phase("wait students"):
             requests = receive()
-    run.timeline.recording = False
+    timeline.recording = False
     return answered
+
+
 # --8<-- [end:teacher]
-
-
-def new_student(run: Run):
-    student = make_student(run.args.size, run.args.vocab, run.args.seq).to(run.device)
-    return student, torch.optim.AdamW(student.parameters(), lr=run.args.lr)

@@ -21,16 +21,24 @@ Run it
     torchrun --nproc-per-node 4 lessons/01_groups.py --broken members   # in ~10 s, and says why
 
 What you should see (4 ranks, no GPU)
-    [rank 0] rank  pair    name  seen through it  sum
-    [rank 0]    0  [0, 1]     1  [0, 1]             3      <- one row per rank, gathered on gloo
-    [rank 0]    ...
-    [rank 0]    3  [2, 3]     2  [2, 3]             7      <- "2": the 2nd new_group call made it
-    [rank 0] checked: every pair group reaches exactly its 2 members; all_reduce in it gives ...
-    [rank 0] checked: a CPU tensor summed on the gloo group = 60, ... (backends: pairs gloo, ...)
-    [rank 0] checked: one group, two messages: the first recv posted got the first message ...
-    [rank 0] checked: two groups, two channels: each message reached its own buffer ...
+    [rank 0] no GPU: using gloo on CPU
+    [rank 0] rank  pair    name  seen through it  sum   <- one row per rank, gathered on gloo
+    [rank 0]    0  [0, 1]     1  [0, 1]             3
+    [rank 0]    1  [0, 1]     1  [0, 1]             3
+    [rank 0]    2  [2, 3]     2  [2, 3]             7   <- "2": the 2nd new_group call made it
+    [rank 0]    3  [2, 3]     2  [2, 3]             7
+    [rank 0] checked: every pair group reaches exactly its 2 members; all_reduce in it gives the
+             pair's sum of rank+1 (2r+3 for the pair r, r+1)
+    [rank 0] checked: a CPU tensor summed on the gloo group = 60, the formula gives 60
+             (backends: pairs gloo, CPU group gloo)
+    [rank 0] checked: one group, two messages: the first recv posted got the first message sent
+             (a landed in b's buffer and b in a's)
+    [rank 0] checked: two groups, two channels: each message reached its own buffer whatever the
+             order the recvs were posted in
+    [rank 0] Next: exercise 01.1 (tp_dp_groups above). Check it: python -m lessons.check 01
 On GPUs the pair groups are NCCL and the CPU group gloo. Setup comes from course/ranks.py.
 """
+
 import datetime
 
 import torch
@@ -58,7 +66,7 @@ def groups_for(layout, rank, timeout):
         if rank in ranks:
             mine = group
     return mine
-# --8<-- [end:create]
+    # --8<-- [end:create]
 
 
 # --8<-- [start:use]
@@ -72,7 +80,8 @@ def check_pair_group(ctx, pair, pair_group, cpu_group):
     expected = sum(r + 1 for r in pair)  # the single-process answer
     assert seen == pair and total.item() == expected, (
         f"rank {ctx.rank}: pair group {pair} reached {seen} and summed to {total.item()}, "
-        f"expected {pair} and {expected}")
+        f"expected {pair} and {expected}"
+    )
     # One row per rank, printed by rank 0. gather_object pickles: a CPU job, so the gloo group.
     row = (ctx.rank, pair, pair_group.group_name, seen, total.item())
     rows = [None] * ctx.world_size if ctx.rank == 0 else None
@@ -80,8 +89,10 @@ def check_pair_group(ctx, pair, pair_group, cpu_group):
     print0("rank  pair    name  seen through it  sum")
     for r, ranks, name, met, s in rows or []:
         print0(f"{r:>4}  {str(ranks):<6} {name:>5}  {str(met):<15} {s:>4g}")
-    print0("checked: every pair group reaches exactly its 2 members; all_reduce in it gives "
-           "the pair's sum of rank+1 (2r+3 for the pair r, r+1)")
+    print0(
+        "checked: every pair group reaches exactly its 2 members; all_reduce in it gives "
+        "the pair's sum of rank+1 (2r+3 for the pair r, r+1)"
+    )
 
 
 def check_cpu_group(ctx, pair_group, cpu_group):
@@ -90,10 +101,12 @@ def check_cpu_group(ctx, pair_group, cpu_group):
     dist.all_reduce(count, group=cpu_group)  # NCCL could not take a CPU tensor
     expected = 10 * sum(range(ctx.world_size))
     assert count.item() == expected, f"rank {ctx.rank}: {count.item()} != {expected}"
-    print0(f"checked: a CPU tensor summed on the gloo group = {count.item()}, the formula gives "
-           f"{expected} (backends: pairs {dist.get_backend(pair_group)}, "
-           f"CPU group {dist.get_backend(cpu_group)})")
-# --8<-- [end:use]
+    print0(
+        f"checked: a CPU tensor summed on the gloo group = {count.item()}, the formula gives "
+        f"{expected} (backends: pairs {dist.get_backend(pair_group)}, "
+        f"CPU group {dist.get_backend(cpu_group)})"
+    )
+    # --8<-- [end:use]
 
 
 # --8<-- [start:channels]
@@ -110,14 +123,15 @@ def two_channels(ctx, pair, channel_a, channel_b):
     partner = pair[1] if ctx.rank == pair[0] else pair[0]
     a, b = torch.full((4,), 1.0), torch.full((4,), 2.0)
     results = {}
-    for how, group_a, group_b in (("one group", channel_a, channel_a),
-                                  ("two groups", channel_a, channel_b)):
+    for how, group_b in (("one group", channel_a), ("two groups", channel_b)):  # a: channel_a
         if ctx.rank == pair[0]:
-            works = [dist.isend(a, partner, group=group_a), dist.isend(b, partner, group=group_b)]
+            works = [dist.isend(a, partner, group=channel_a), dist.isend(b, partner, group=group_b)]
         else:
             got_a, got_b = torch.zeros_like(a), torch.zeros_like(b)
-            works = [dist.irecv(got_b, partner, group=group_b),  # b's recv first, on purpose
-                     dist.irecv(got_a, partner, group=group_a)]
+            works = [
+                dist.irecv(got_b, partner, group=group_b),  # b's recv first, on purpose
+                dist.irecv(got_a, partner, group=channel_a),
+            ]
         for work in works:
             work.wait()  # not before: a send buffer may still be read, a recv buffer be filling
         if ctx.rank == pair[1]:
@@ -125,33 +139,35 @@ def two_channels(ctx, pair, channel_a, channel_b):
     if ctx.rank == pair[1]:
         # One group: the recv posted first (got_b) got the message sent first (a), and so on.
         assert results == {"one group": (2.0, 1.0), "two groups": (1.0, 2.0)}, (
-            f"rank {ctx.rank}: received (a, b) = {results}, expected (2, 1) then (1, 2)")
-    print0("checked: one group, two messages: the first recv posted got the first message sent "
-           "(a landed in b's buffer and b in a's)")
-    print0("checked: two groups, two channels: each message reached its own buffer whatever "
-           "the order the recvs were posted in")
-# --8<-- [end:channels]
+            f"rank {ctx.rank}: received (a, b) = {results}, expected (2, 1) then (1, 2)"
+        )
+    print0(
+        "checked: one group, two messages: the first recv posted got the first message sent "
+        "(a landed in b's buffer and b in a's)\nchecked: two groups, two channels: each message "
+        "reached its own buffer whatever the order the recvs were posted in"
+    )
+    # --8<-- [end:channels]
 
 
 # --8<-- [start:broken]
 def break_the_rule(ctx, how, debug):
     """--broken order|members: break the rule on purpose, see what torch does, explain it."""
     if ctx.backend == "nccl" or ctx.world_size < 4:
-        usage_error("--broken runs on gloo with at least 4 ranks (with 2, every group holds "
-                    "every rank and nothing can go wrong): torchrun --nproc-per-node 4 "
-                    f"lessons/01_groups.py --backend gloo --broken {how}")
-    if debug:
-        usage_error("--broken with --debug: the broken groups take ~10 s to fail, as long as "
-                    "--debug lets the world group wait for them. Leave out --debug.")
+        usage_error(
+            "--broken runs on gloo with at least 4 ranks (with 2, every group holds "
+            "every rank and nothing can go wrong): torchrun --nproc-per-node 4 "
+            f"lessons/01_groups.py --backend gloo --broken {how}"
+        )
+    if debug:  # the broken groups fail in ~10 s, as long as --debug lets the world group wait
+        usage_error("--broken with --debug: the world group would time out too. Leave out --debug.")
     pairs = [[r, r + 1] for r in range(0, ctx.world_size, 2)]
     if how == "order":  # the second half of the ranks creates the groups in reverse order
         plan = pairs if ctx.rank < ctx.world_size // 2 else pairs[::-1]
     else:  # "members": each rank creates only the group it is in
         plan = [ranks for ranks in pairs if ctx.rank in ranks]
-    mine = next(ranks for ranks in pairs if ctx.rank in ranks)
-    timeout = datetime.timedelta(seconds=BROKEN_TIMEOUT_S)
+    mine = pairs[ctx.rank // 2]
     try:
-        group = groups_for(plan, ctx.rank, timeout)
+        group = groups_for(plan, ctx.rank, datetime.timedelta(seconds=BROKEN_TIMEOUT_S))
         seen = [torch.zeros(1, dtype=torch.int64) for _ in mine]
         dist.all_gather(seen, torch.tensor([ctx.rank]), group=group)
         seen = [t.item() for t in seen]
@@ -170,15 +186,19 @@ def break_the_rule(ctx, how, debug):
             meanings.setdefault(number, {}).setdefault(str(ranks), []).append(r)
     number = next(n for n, groups in meanings.items() if len(groups) > 1)
     clash = " but ".join(f"{g} on ranks {rs}" for g, rs in meanings[number].items())
-    print0(f"What went wrong: torch names a group by counting new_group calls on each rank, so "
-           f"group '{number}' was {clash}.\nBoth met under that one name in the store: some "
-           "ranks waited for peers that never came, others may connect to another group's "
-           "ranks\n(crossed wires: a wrong sum, no error). Fix: every rank creates every group, "
-           "in the same order, and keeps its own (groups_for).")
-    print_rank(f"error: --broken {how}: the ranks made different new_group calls; group "
-               f"'{number}' was {clash} (explained on rank 0)")
+    print0(
+        f"What went wrong: torch names a group by counting new_group calls on each rank, so "
+        f"group '{number}' was {clash}.\nBoth met under that one name in the store: some "
+        "ranks waited for peers that never came, others may connect to another group's "
+        "ranks\n(crossed wires: a wrong sum, no error). Fix: every rank creates every group, "
+        "in the same order, and keeps its own (groups_for)."
+    )
+    print_rank(
+        f"error: --broken {how}: the ranks made different new_group calls; group "
+        f"'{number}' was {clash} (explained on rank 0)"
+    )
     raise SystemExit(1)
-# --8<-- [end:broken]
+    # --8<-- [end:broken]
 
 
 # --8<-- [start:ex-01-1]
@@ -191,44 +211,29 @@ def tp_dp_groups(tp_size: int, timeout: datetime.timedelta):
     (tp_group, dp_group): the two groups this rank is in.
     """
     # YOUR CODE BELOW
-    raise NotImplementedError("Exercise 01.1: create every TP group, then every DP group, on "
-                              "every rank, and return the two this rank is in (about 6 lines)")
-# --8<-- [end:ex-01-1]
-
-
-def check_tp_dp_groups(ctx, tp_dp_groups):
-    """Runs on every rank: the members of your groups, and all_reduce(rank+1) inside each."""
-    tp_size = 2
-    tp_ranks = [r for r in range(ctx.world_size) if r // tp_size == ctx.rank // tp_size]
-    dp_ranks = [r for r in range(ctx.world_size) if r % tp_size == ctx.rank % tp_size]
-    tp_group, dp_group = tp_dp_groups(tp_size, datetime.timedelta(seconds=10))
-    yours = {}
-    for axis, group in (("tp", tp_group), ("dp", dp_group)):
-        yours[f"{axis} members"] = dist.get_process_group_ranks(group)
-        total = torch.tensor([ctx.rank + 1.0], device=ctx.device)
-        dist.all_reduce(total, group=group)
-        yours[f"{axis} all_reduce of rank+1"] = total.item()
-    expected = {"tp members": tp_ranks, "tp all_reduce of rank+1": sum(r + 1.0 for r in tp_ranks),
-                "dp members": dp_ranks, "dp all_reduce of rank+1": sum(r + 1.0 for r in dp_ranks)}
-    return yours, expected
-
-
-# Exercise id -> (its check, the function(s) you write). Check: python -m lessons.check 01
-EXERCISES = {"01.1": (check_tp_dp_groups, "tp_dp_groups")}
+    raise NotImplementedError(
+        "Exercise 01.1: create every TP group, then every DP group, on "
+        "every rank, and return the two this rank is in (about 6 lines)"
+    )
+    # --8<-- [end:ex-01-1]
 
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--broken", choices=["order", "members"],
-                   help="break the rule on purpose: ranks create groups in different orders, "
-                        "or only members call new_group. Fails in ~10 s and explains.")
+    p.add_argument(
+        "--broken",
+        choices=["order", "members"],
+        help="break the rule on purpose: ranks create groups in different orders, "
+        "or only members call new_group. Fails in ~10 s and explains.",
+    )
     args = p.parse_args()
-    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:  # init, backend, device and teardown: course/ranks.py
+    # course/ranks.py: init, backend, device, and teardown however the block ends
+    with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         if args.broken:
             break_the_rule(ctx, args.broken, args.debug)
         timeout = datetime.timedelta(seconds=args.timeout)
         pairs = [[r, r + 1] for r in range(0, ctx.world_size, 2)]
-        pair = next(ranks for ranks in pairs if ctx.rank in ranks)
+        pair = pairs[ctx.rank // 2]
         pair_group = groups_for(pairs, ctx.rank, timeout)  # the world's backend: NCCL on GPUs
         # A group over all ranks on gloo, for CPU tensors and objects. Every rank is a member.
         cpu_group = dist.new_group(backend="gloo", timeout=timeout)

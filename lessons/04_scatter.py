@@ -14,15 +14,35 @@ Run it
     python lessons/04_scatter.py --nproc 2           # plain python: starts torchrun for you
 
 What you should see (4 ranks, no GPU)
+    [rank 0] no GPU: using gloo on CPU
     [rank 0] rank 0 sends a [1000, 1000] float32 tensor (4000000 bytes). Bytes each rank holds:
     [rank 0] rank  broadcast  scatter
     [rank 0]    0    4000000  5000000     <- rank 0 keeps the whole tensor, and its own piece
     [rank 0]    1    4000000  1000000
-    [rank 0] checked: broadcast gives every rank the whole tensor, scatter only its 250 rows; ...
-    ... then gather, all_to_all and reduce_scatter, each with what every rank holds, checked.
+    [rank 0]    2    4000000  1000000
+    [rank 0]    3    4000000  1000000
+    [rank 0] checked: broadcast gives every rank the whole tensor, scatter only its 250 rows; the
+             bytes held match [rows, cols] * 4 on all 4 ranks
+    [rank 0] checked: gather to rank 0 puts the 4 pieces back together
+    [rank 0] rank             sends         receives
+    [rank 0]    0      [0, 1, 2, 3]  [0, 10, 20, 30]   <- 10*r + j: from rank r, for rank j
+    [rank 0]    1  [10, 11, 12, 13]  [1, 11, 21, 31]
+    [rank 0]    2  [20, 21, 22, 23]  [2, 12, 22, 32]
+    [rank 0]    3  [30, 31, 32, 33]  [3, 13, 23, 33]
+    [rank 0] checked: all_to_all on 4 ranks: rank r receives element r of every rank, in rank
+             order (a transpose)
+    [rank 0] rank                           grad  reduce_scatter keeps
+    [rank 0]    0       [0, 1, 2, 3, 4, 5, 6, 7]               [0, 10]
+    [rank 0]    1    [0, 2, 4, 6, 8, 10, 12, 14]              [20, 30]
+    [rank 0]    2   [0, 3, 6, 9, 12, 15, 18, 21]              [40, 50]
+    [rank 0]    3  [0, 4, 8, 12, 16, 20, 24, 28]              [60, 70]
+    [rank 0] checked: reduce_scatter on 4 ranks leaves piece r of the sum on rank r, the same as
+             all_reduce then chunk (gloo's way)
+    [rank 0] Next: exercise 04.1 (shard_rows, unshard_rows). Check it: python -m lessons.check 04
 Bytes are measured: the storage behind the tensors a rank keeps (views of one storage count
 once) and, on GPU, what the CUDA allocator handed out (torch.cuda.memory_allocated).
 """
+
 import torch
 import torch.distributed as dist
 
@@ -66,6 +86,7 @@ def scatter_vs_broadcast(ctx, reference):
         whole = reference.to(device) if rank == SRC else torch.empty(ROWS, COLS, device=device)
         dist.broadcast(whole, src=SRC)  # every rank needs room for all of it
         return [whole]
+
     # --8<-- [end:broadcast]
 
     # --8<-- [start:scatter]
@@ -75,6 +96,7 @@ def scatter_vs_broadcast(ctx, reference):
         pieces = list(whole.chunk(n)) if rank == SRC else None  # only SRC has a list to send
         dist.scatter(piece, pieces, src=SRC)  # SRC's own piece is copied into its `piece` too
         return [piece] + ([whole] if rank == SRC else [])
+
     # --8<-- [end:scatter]
 
     (whole,), bcast_bytes, bcast_cuda = measured(ctx, broadcast)
@@ -87,17 +109,22 @@ def scatter_vs_broadcast(ctx, reference):
     expect_scatter = mine.numel() * 4 + (rows * COLS * 4 if rank == SRC else 0)
     assert (bcast_bytes, scatter_bytes) == (expect_bcast, expect_scatter), (
         f"rank {rank}: holds {bcast_bytes} / {scatter_bytes} bytes, expected "
-        f"{expect_bcast} / {expect_scatter}")
-    print0(f"rank {SRC} sends a [{ROWS}, {COLS}] float32 tensor ({expect_bcast} bytes)"
-           + (f", padded to {rows} rows for scatter" if rows > ROWS else "")
-           + ". Bytes each rank holds:")
+        f"{expect_bcast} / {expect_scatter}"
+    )
+    print0(
+        f"rank {SRC} sends a [{ROWS}, {COLS}] float32 tensor ({expect_bcast} bytes)"
+        + (f", padded to {rows} rows for scatter" if rows > ROWS else "")
+        + ". Bytes each rank holds:"
+    )
     row = {"rank": rank, "broadcast": bcast_bytes, "scatter": scatter_bytes}
     if bcast_cuda is not None:
         # The allocator rounds each block up to 512 bytes: a little more than the storage.
         row.update({"CUDA: broadcast": bcast_cuda, "CUDA: scatter": scatter_cuda})
     print_table0(row)
-    print0(f"checked: broadcast gives every rank the whole tensor, scatter only its "
-           f"{rows // n} rows; the bytes held match [rows, cols] * 4 on all {n} ranks")
+    print0(
+        f"checked: broadcast gives every rank the whole tensor, scatter only its "
+        f"{rows // n} rows; the bytes held match [rows, cols] * 4 on all {n} ranks"
+    )
     return piece, padded
 
 
@@ -121,10 +148,13 @@ def all_to_all(ctx):
     # --8<-- [end:all_to_all]
     expected = [10.0 * j + rank for j in range(n)]  # part j of what we hold came from rank j
     assert received.tolist() == expected, f"rank {rank}: got {received.tolist()}, not {expected}"
-    print_table0({"rank": rank, "sends": str(send.int().tolist()),
-                      "receives": str(received.int().tolist())})
-    print0(f"checked: all_to_all on {n} ranks: rank r receives element r of every rank, in rank "
-           "order (a transpose)")
+    print_table0(
+        {"rank": rank, "sends": str(send.int().tolist()), "receives": str(received.int().tolist())}
+    )
+    print0(
+        f"checked: all_to_all on {n} ranks: rank r receives element r of every rank, in rank "
+        "order (a transpose)"
+    )
 
 
 def reduce_scatter(ctx):
@@ -145,10 +175,17 @@ def reduce_scatter(ctx):
     expected = (torch.arange(n * per_rank, dtype=torch.float32) * n * (n + 1) / 2).chunk(n)[rank]
     assert torch.equal(mine.cpu(), expected), f"rank {rank}: {mine} instead of {expected}"
     assert torch.equal(same.cpu(), expected), f"rank {rank}: all_reduce+chunk gave {same}"
-    print_table0({"rank": rank, "grad": str(grad.int().tolist()),
-                      "reduce_scatter keeps": str(mine.int().tolist())})
-    print0(f"checked: reduce_scatter on {n} ranks leaves piece r of the sum on rank r, the same "
-           "as all_reduce then chunk (gloo's way)")
+    print_table0(
+        {
+            "rank": rank,
+            "grad": str(grad.int().tolist()),
+            "reduce_scatter keeps": str(mine.int().tolist()),
+        }
+    )
+    print0(
+        f"checked: reduce_scatter on {n} ranks leaves piece r of the sum on rank r, the same "
+        "as all_reduce then chunk (gloo's way)"
+    )
 
 
 # --8<-- [start:ex-04-1]
@@ -159,8 +196,9 @@ def shard_rows(full, piece: torch.Tensor, src: int) -> torch.Tensor:
     (rank r gets the r-th block) and return it. No rank but `src` may hold the whole tensor.
     """
     # YOUR CODE BELOW
-    raise NotImplementedError("Exercise 04.1: scatter the row blocks of `full` from src into "
-                              "`piece` (about 3 lines)")
+    raise NotImplementedError(
+        "Exercise 04.1: scatter the row blocks of `full` from src into `piece` (about 3 lines)"
+    )
 
 
 def unshard_rows(piece: torch.Tensor) -> torch.Tensor:
@@ -168,38 +206,25 @@ def unshard_rows(piece: torch.Tensor) -> torch.Tensor:
     [rows, cols] tensor, on every rank, collected with all_gather (or all_gather_single).
     """
     # YOUR CODE BELOW
-    raise NotImplementedError("Exercise 04.1: all_gather every rank's piece and put them "
-                              "together in rank order (about 3 lines)")
-# --8<-- [end:ex-04-1]
-
-
-def check_shard_rows(ctx, shard_rows, unshard_rows):
-    """Shard a [4n, 6] tensor from the last rank, reassemble it; check the data and the bytes."""
-    n, rank = ctx.world_size, ctx.rank
-    full = torch.randn(4 * n, 6, generator=torch.Generator().manual_seed(SEED))
-    src = n - 1  # not rank 0: your code must use src
-    piece = shard_rows(full.to(ctx.device) if rank == src else None,
-                       torch.empty(4, 6, device=ctx.device), src)
-    back = unshard_rows(piece)
-    yours = {"piece": piece, "bytes behind the piece": held_bytes([piece]), "whole": back}
-    expected = {"piece": full.chunk(n)[rank], "bytes behind the piece": 4 * 6 * 4, "whole": full}
-    return yours, expected
-
-
-# Exercise id -> (its check, the functions you write). Check: python -m lessons.check 04
-EXERCISES = {"04.1": (check_shard_rows, "shard_rows", "unshard_rows")}
+    raise NotImplementedError(
+        "Exercise 04.1: all_gather every rank's piece and put them "
+        "together in rank order (about 3 lines)"
+    )
+    # --8<-- [end:ex-04-1]
 
 
 def main():
     args = parser(__doc__).parse_args()
-    with setup(args, relaunch=True, trace=args.trace) as ctx:  # course/ranks.py: rank, device, init, teardown; any world size
+    # No NEEDS: any world size (course/ranks.py: rank, device, init and teardown)
+    with setup(args, relaunch=True, trace=args.trace) as ctx:
         reference = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(SEED))
         piece, padded = scatter_vs_broadcast(ctx, reference)
         gather_back(ctx, piece, padded)
         all_to_all(ctx)
         reduce_scatter(ctx)
-        print0("Next: exercise 04.1 (shard_rows, unshard_rows). Check it: "
-               "python -m lessons.check 04")
+        print0(
+            "Next: exercise 04.1 (shard_rows, unshard_rows). Check it: python -m lessons.check 04"
+        )
 
 
 if __name__ == "__main__":

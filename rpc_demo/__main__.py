@@ -24,6 +24,7 @@ Modules: launch.py (starting and watching the processes), worker.py (one process
 worlds.py (joining the worlds, bounded), roles.py, student.py, teacher.py, bench.py.
 docs/rpc_demo.md explains the design.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,54 +38,102 @@ from rpc_demo.launch import launch, refuse
 from rpc_demo.teacher import FAULT_STEP
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m rpc_demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m rpc_demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--students", type=int, default=2, help="student processes (2)")
     p.add_argument("--teachers", type=int, default=2, help="teacher processes (2)")
-    p.add_argument("--transfer", choices=MODES, default="full",
-                   help="what the teachers send: full probabilities, top-k logits, or hidden "
-                        "states (full); see distill_demo")
+    p.add_argument(
+        "--transfer",
+        choices=MODES,
+        default="full",
+        help="what the teachers send: full probabilities, top-k logits, or hidden "
+        "states (full); see distill_demo",
+    )
     p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
     p.add_argument("--steps", type=int, default=60, help="training steps (60)")
-    p.add_argument("--teacher-steps", type=int, default=None,
-                   help="steps the first teacher trains on the data first (60, 200 with "
-                        "--size large; 0 with --bench)")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=None,
+        help="steps the first teacher trains on the data first (60, 200 with "
+        "--size large; 0 with --bench)",
+    )
     p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
     p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
     p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
     p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="the students' AdamW step size (0.01; small 0.003, large 0.0003)")
-    p.add_argument("--bench", action="store_true",
-                   help="train the same config over p2p and over RPC; compare")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="the students' AdamW step size (0.01; small 0.003, large 0.0003)",
+    )
+    p.add_argument(
+        "--bench", action="store_true", help="train the same config over p2p and over RPC; compare"
+    )
     p.add_argument("--warmup", type=int, default=3, help="--bench: untimed steps first (3)")
-    p.add_argument("--repeats", type=int, default=20,
-                   help="--bench: timed steps per round and path (20)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="--bench: p2p then RPC, this many times, so both see the same load (3)")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"],
-                   default=env("COURSE_BACKEND", "auto"),
-                   help="auto: NCCL if every process gets a GPU, else gloo on CPU; nccl with "
-                        "fewer GPUs: students and teachers share them (not with --bench)")
-    p.add_argument("--timeout", type=float, default=float(env("COURSE_TIMEOUT", "60")),
-                   help="seconds a collective in a role's world may wait (60)")
-    p.add_argument("--rpc-timeout", type=float, default=30.0,
-                   help="seconds to join RPC, and for each call; a teacher that does not answer "
-                        "in time is named by its students (30)")
-    p.add_argument("--rpc-transport", choices=["auto", "shm", "uv"], default="auto",
-                   help="how TensorPipe moves bytes: shared memory (its poller spins: up to a "
-                        "core per process) or TCP on loopback; auto: uv on CPU, shm on GPUs")
-    for flag, world in (("student", "the students' world"), ("teacher", "the teachers' world"),
-                        ("rpc", "the RPC world's rendezvous")):
-        p.add_argument(f"--{flag}-port", type=int, default=0,
-                       help=f"{world}'s port (0: a free one)")
-    p.add_argument("--start", choices=["fork", "spawn"], default="fork",
-                   help="how the launcher starts processes: fork (fast; the default) or spawn")
-    p.add_argument("--fault", choices=["none", "absent", "dies", "hangs"], default="none",
-                   help=f"make the last teacher misbehave (absent: never joins RPC; dies, hangs: "
-                        f"at request {FAULT_STEP}) to see the students fail fast, naming it")
+    p.add_argument(
+        "--repeats", type=int, default=20, help="--bench: timed steps per round and path (20)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="--bench: p2p then RPC, this many times, so both see the same load (3)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default=env("COURSE_BACKEND", "auto"),
+        help="auto: NCCL if every process gets a GPU, else gloo on CPU; nccl with "
+        "fewer GPUs: students and teachers share them (not with --bench)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=float(env("COURSE_TIMEOUT", "60")),
+        help="seconds a collective in a role's world may wait (60)",
+    )
+    p.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to join RPC, and for each call; a teacher that does not answer "
+        "in time is named by its students (30)",
+    )
+    p.add_argument(
+        "--rpc-transport",
+        choices=["auto", "shm", "uv"],
+        default="auto",
+        help="how TensorPipe moves bytes: shared memory (its poller spins: up to a "
+        "core per process) or TCP on loopback; auto: uv on CPU, shm on GPUs",
+    )
+    for flag, world in (
+        ("student", "the students' world"),
+        ("teacher", "the teachers' world"),
+        ("rpc", "the RPC world's rendezvous"),
+    ):
+        p.add_argument(
+            f"--{flag}-port", type=int, default=0, help=f"{world}'s port (0: a free one)"
+        )
+    p.add_argument(
+        "--start",
+        choices=["fork", "spawn"],
+        default="fork",
+        help="how the launcher starts processes: fork (fast; the default) or spawn",
+    )
+    p.add_argument(
+        "--fault",
+        choices=["none", "absent", "dies", "hangs"],
+        default="none",
+        help=f"make the last teacher misbehave (absent: never joins RPC; dies, hangs: "
+        f"at request {FAULT_STEP}) to see the students fail fast, naming it",
+    )
     p.add_argument("--out", default="out", help="folder for the figures (out/)")
     p.add_argument("--save", help="write the trained student's weights to this file")
     args = p.parse_args(argv)
@@ -95,41 +144,59 @@ def parse_args(argv=None):
     return args
 
 
-def validate(args):
+def validate(args: argparse.Namespace) -> None:
     """Every mistake in the flags, said before any process starts."""
     for bad, message in [
-        (args.students < 1 or args.teachers < 1,
-         f"--students {args.students} --teachers {args.teachers}: at least 1 of each"),
+        (
+            args.students < 1 or args.teachers < 1,
+            f"--students {args.students} --teachers {args.teachers}: at least 1 of each",
+        ),
         (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
         (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
-        (not 1 <= args.topk <= args.vocab,
-         f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
-         f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}"),
-        (min(args.steps, args.repeats, args.rounds) < 1 or min(args.warmup, args.teacher_steps) < 0,
-         "--steps, --repeats and --rounds must be at least 1, --warmup and --teacher-steps at "
-         "least 0"),
+        (
+            not 1 <= args.topk <= args.vocab,
+            f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
+            f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}",
+        ),
+        (
+            min(args.steps, args.repeats, args.rounds) < 1
+            or min(args.warmup, args.teacher_steps) < 0,
+            "--steps, --repeats and --rounds must be at least 1, --warmup and --teacher-steps at "
+            "least 0",
+        ),
         (args.rpc_timeout <= 0 or args.timeout <= 0, "--timeout and --rpc-timeout must be > 0"),
-        (not all(0 <= p < 65536 for p in (args.student_port, args.teacher_port, args.rpc_port)),
-         "ports are numbers from 0 (a free one) to 65535"),
-        (args.bench and args.fault != "none", f"--fault {args.fault} is for training runs: "
-                                              "leave out --bench"),
-        (args.fault in ("dies", "hangs") and args.steps < FAULT_STEP,
-         f"--fault {args.fault} strikes at step {FAULT_STEP}: train for at least that many"),
+        (
+            not all(0 <= p < 65536 for p in (args.student_port, args.teacher_port, args.rpc_port)),
+            "ports are numbers from 0 (a free one) to 65535",
+        ),
+        (
+            args.bench and args.fault != "none",
+            f"--fault {args.fault} is for training runs: leave out --bench",
+        ),
+        (
+            args.fault in ("dies", "hangs") and args.steps < FAULT_STEP,
+            f"--fault {args.fault} strikes at step {FAULT_STEP}: train for at least that many",
+        ),
     ]:
         if bad:
             refuse(message)
     layout = Layout(args.students + args.teachers, args.teachers, args.students)
     per_student = len(layout.units[0].teachers)
     if args.batch < per_student:
-        refuse(f"--batch {args.batch}: each student splits its batch's rows over its "
-               f"{per_student} teachers, so it needs at least {per_student} rows")
+        refuse(
+            f"--batch {args.batch}: each student splits its batch's rows over its "
+            f"{per_student} teachers, so it needs at least {per_student} rows"
+        )
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: every rank says it, then exits
         from course.ranks import usage_error
-        usage_error("rpc_demo starts its own processes (two worlds, and RPC between them): run "
-                    "python -m rpc_demo [--students S --teachers T], not under torchrun")
+
+        usage_error(
+            "rpc_demo starts its own processes (two worlds, and RPC between them): run "
+            "python -m rpc_demo [--students S --teachers T], not under torchrun"
+        )
     args = parse_args(argv)
     validate(args)
     raise SystemExit(launch(args))

@@ -14,6 +14,7 @@ call are top-level functions of this module (rpc_demo.teacher), and they reach t
 through the one teacher this process serves (`_serving`, set before RPC starts). No RRef:
 PyTorch does not send CUDA tensors through RRef calls, and on GPUs the answers are CUDA tensors.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,13 +23,11 @@ import queue
 import signal
 import threading
 import time
-from types import SimpleNamespace
 
 import torch
 import torch.distributed.rpc as rpc
 
 from distill_demo.knowledge import teacher_message
-from distill_demo.train import prepare_teacher
 from rpc_demo.worlds import Failed
 
 FAULT_STEP = 3  # --fault dies|hangs: the last teacher misbehaves at this request
@@ -37,6 +36,7 @@ FAULT_STEP = 3  # --fault dies|hangs: the last teacher misbehaves at this reques
 @dataclasses.dataclass
 class Serving:
     """The teacher this process serves, and what its RPC threads have counted."""
+
     model: torch.nn.Module
     device: torch.device
     students: list  # the ranks of the students it serves: it stops when all have said stop
@@ -54,18 +54,11 @@ class Serving:
 _serving: Serving | None = None  # this process's teacher; RPC threads find it here
 
 
-def prepare(run, index):
-    """distill_demo's teacher: the first teacher pretrains it, then broadcasts it to the others,
-    here over the teachers' own world. prepare_teacher asks `run` who the first teacher is and
-    which group to broadcast in: rank 0 of this world, and the world itself (group None)."""
-    in_teachers_world = dataclasses.replace(run, rank=index, layout=SimpleNamespace(teachers=[0]),
-                                            groups=SimpleNamespace(teachers=None))
-    return prepare_teacher(in_teachers_world)
-
-
 # --8<-- [start:answer]
 @rpc.functions.async_execution
-def answer(student: int, mode: str, ids: torch.Tensor, k: int, record: bool):
+def answer(
+    student: int, mode: str, ids: torch.Tensor, k: int, record: bool
+) -> torch.futures.Future:
     """Runs on the teacher, in one of its RPC threads: count the request, queue it for the main
     thread (`serve`), and return a Future of what the teacher sends back for `ids`
     (knowledge.py, a list of tensors). `record`: time the forward for the timeline."""
@@ -89,7 +82,7 @@ def answer(student: int, mode: str, ids: torch.Tensor, k: int, record: bool):
     return answered
 
 
-def forward(serving: Serving, request):
+def forward(serving: Serving, request: tuple) -> None:
     """The teacher's main thread: one queued request, answered on the main thread's stream."""
     mode, ids, k, record, arrived, answered = request
     on_gpu = serving.device.type == "cuda"
@@ -110,16 +103,18 @@ def forward(serving: Serving, request):
         answered.set_exception(err)
         return
     answered.set_result(message)
+
+
 # --8<-- [end:answer]
 
 
-def lm_head():
+def lm_head() -> torch.Tensor:
     """For --transfer hidden: the teacher's lm_head weight, asked for once per run."""
     _serving.last_heard = time.monotonic()
     return _serving.model.lm_head.weight.detach()
 
 
-def take_events():
+def take_events() -> list[tuple[str, float, float]]:
     """The recorded forward passes (for the timeline), emptied."""
     events, _serving.events = _serving.events, []
     return events
@@ -141,14 +136,14 @@ def stop(student: int) -> int:
         return serving.answered.get(student, 0)
 
 
-def install(serving: Serving):
+def install(serving: Serving) -> None:
     """Before RPC starts: a student may call as soon as init_rpc returns."""
     global _serving
     _serving = serving
 
 
 # --8<-- [start:serve]
-def serve() -> dict:
+def serve() -> dict[int, int]:
     """The teacher's main thread, in the RPC world: answer queued requests, one at a time, until
     every student it serves has said stop. Bounded: a student waits at most --timeout in its
     all_reduce and --rpc-timeout for an answer, so one that has not called for longer than
@@ -166,7 +161,11 @@ def serve() -> dict:
         quiet = time.monotonic() - serving.last_heard
         if quiet > serving.timeout_s:
             waiting = [f"student{s}" for s in serving.students if s not in serving.stopped]
-            raise Failed(f"no call from {', '.join(waiting)} for {quiet:.0f} s (--timeout + "
-                         f"--rpc-timeout): they are stuck or gone")
+            raise Failed(
+                f"no call from {', '.join(waiting)} for {quiet:.0f} s (--timeout + "
+                f"--rpc-timeout): they are stuck or gone"
+            )
     return dict(serving.answered)
+
+
 # --8<-- [end:serve]

@@ -3,6 +3,7 @@
 Each function runs in the lesson's namespace: torch, dist and the lesson's helpers (groups_for)
 are in scope.
 """
+
 import datetime
 
 import torch.distributed as dist
@@ -20,10 +21,12 @@ def tp_dp_groups(tp_size: int, timeout: datetime.timedelta):
     # YOUR CODE BELOW
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size % tp_size:  # every rank raises alike, before any collective
-        raise ValueError(f"tp_size {tp_size} does not divide the world size {world_size}: "
-                         "pick a tp_size that does")
+        raise ValueError(
+            f"tp_size {tp_size} does not divide the world size {world_size}: "
+            "pick a tp_size that does"
+        )
     tp_layout = [list(range(start, start + tp_size)) for start in range(0, world_size, tp_size)]
     dp_layout = [list(range(position, world_size, tp_size)) for position in range(tp_size)]
     # Create all, keep yours: every rank makes all TP groups, then all DP groups, in this order.
     return groups_for(tp_layout, rank, timeout), groups_for(dp_layout, rank, timeout)
-# --8<-- [end:ex-01-1]
+    # --8<-- [end:ex-01-1]

@@ -4,6 +4,7 @@ Each function runs in the lesson's namespace: torch, dist and the lesson's helpe
 TENSOR, REFUSED, DTYPES, MAX_NDIM) are in scope. These two functions are the reference version
 of the shape handshake that later lessons write inline.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -31,8 +32,10 @@ def send_tensor(tensor: torch.Tensor, dst: int, group=None) -> None:
     refusal = torch.zeros(len(HEADER), dtype=torch.int64)
     refusal[0] = REFUSED  # the receiver raises too, instead of waiting for a payload
     dist.send(refusal.to(tensor.device), dst, group)
-    raise ValueError(f"send_tensor to rank {dst}: cannot send a tensor of {problem}. Convert or "
-                     "reshape it first (the receiver was told: REFUSED).")
+    raise ValueError(
+        f"send_tensor to rank {dst}: cannot send a tensor of {problem}. Convert or "
+        "reshape it first (the receiver was told: REFUSED)."
+    )
 
 
 def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:
@@ -47,8 +50,10 @@ def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:
     dist.recv(header, src, group)
     kind, code, ndim, *sizes = header.tolist()
     if kind == REFUSED:
-        raise ValueError(f"recv_tensor from rank {src}: the sender refused its tensor (REFUSED "
-                         "header); its own error says why")
+        raise ValueError(
+            f"recv_tensor from rank {src}: the sender refused its tensor (REFUSED "
+            "header); its own error says why"
+        )
     if kind != TENSOR:
         problem = f"kind {kind} is neither TENSOR ({TENSOR}) nor REFUSED ({REFUSED})"
     elif not 0 <= code < len(DTYPES):
@@ -61,9 +66,11 @@ def recv_tensor(src: int, device: torch.device, group=None) -> torch.Tensor:
         tensor = torch.empty(sizes[:ndim], dtype=DTYPES[code], device=device)
         dist.recv(tensor, src, group)
         return tensor
-    raise ValueError(f"recv_tensor from rank {src}: not a header ({problem}): sender and "
-                     f"receiver are out of step. The header was {header.tolist()}")
-# --8<-- [end:ex-02-1]
+    raise ValueError(
+        f"recv_tensor from rank {src}: not a header ({problem}): sender and "
+        f"receiver are out of step. The header was {header.tolist()}"
+    )
+    # --8<-- [end:ex-02-1]
 
 
 # --8<-- [start:ex-02-2]
@@ -83,8 +90,12 @@ def ring_all_reduce(x: torch.Tensor) -> torch.Tensor:
     chunks = out.view(-1).tensor_split(world_size)  # views: writing a chunk writes `out`
 
     def step(send_index, recv_into):  # one ring step: send a chunk right, receive from the left
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, chunks[send_index], right),
-                                        dist.P2POp(dist.irecv, recv_into, left)])
+        works = dist.batch_isend_irecv(
+            [
+                dist.P2POp(dist.isend, chunks[send_index], right),
+                dist.P2POp(dist.irecv, recv_into, left),
+            ]
+        )
         for work in works:
             work.wait()
 
@@ -99,4 +110,4 @@ def ring_all_reduce(x: torch.Tensor) -> torch.Tensor:
     for s in range(world_size - 1):
         step((rank + 1 - s) % world_size, chunks[(rank - s) % world_size])
     return out
-# --8<-- [end:ex-02-2]
+    # --8<-- [end:ex-02-2]

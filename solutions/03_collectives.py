@@ -3,6 +3,7 @@ Check them: python -m lessons.check 03 --solution
 
 Each function runs in the lesson's namespace: torch, dist and the lesson's helpers are in scope.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -22,7 +23,7 @@ def sharded_softmax(shard: torch.Tensor) -> torch.Tensor:
     total = exps.sum().reshape(1)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return exps / total
-# --8<-- [end:ex-03-1]
+    # --8<-- [end:ex-03-1]
 
 
 # --8<-- [start:ex-03-2]
@@ -40,4 +41,4 @@ def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     sums = (logits - largest[:, None]).exp().sum(dim=1)  # every term <= 1: no overflow
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     return largest + sums.log()
-# --8<-- [end:ex-03-2]
+    # --8<-- [end:ex-03-2]

@@ -3,9 +3,9 @@ Check them: python -m lessons.check 04 --solution
 
 Each function runs in the lesson's namespace: torch, dist and the lesson's helpers are in scope.
 """
+
 import torch
 import torch.distributed as dist
-
 
 
 # --8<-- [start:ex-04-1]
@@ -29,4 +29,4 @@ def unshard_rows(piece: torch.Tensor) -> torch.Tensor:
     whole = piece.new_empty(piece.shape[0] * dist.get_world_size(), *piece.shape[1:])
     ALL_GATHER_SINGLE(whole, piece)  # straight into one tensor: no list, no torch.cat copy
     return whole
-# --8<-- [end:ex-04-1]
+    # --8<-- [end:ex-04-1]

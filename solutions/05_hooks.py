@@ -3,6 +3,7 @@ Check them: python -m lessons.check 05 --solution
 
 Each function runs in the lesson's namespace: torch, dist and the lesson's helpers are in scope.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -17,8 +18,7 @@ def bucketed_ddp(model, bucket_bytes: int, log):
     a hook that calls log("hook", name). When a bucket's last gradient is in, flatten the
     bucket's gradients into one tensor, start one async all_reduce of it (to an average) and
     call log("launch", bucket index); launch buckets in index order. Keep the nodes alive.
-    Return finish(): wait for every bucket, write the averaged gradients into each p.grad,
-    and get ready for the next step.
+    Return finish(): wait for every bucket, copy the averages into p.grad, reset for next step.
     """
     # YOUR CODE BELOW
     world_size = dist.get_world_size()
@@ -43,6 +43,7 @@ def bucketed_ddp(model, bucket_bytes: int, log):
     grad_accs = []
     for i, bucket in enumerate(buckets):
         for name, p in bucket:
+
             def hook(*_, i=i, name=name):
                 log("hook", name)
                 arrived[i] += 1
@@ -63,4 +64,4 @@ def bucketed_ddp(model, bucket_bytes: int, log):
         arrived[:] = [0] * len(buckets)
 
     return finish
-# --8<-- [end:ex-05-1]
+    # --8<-- [end:ex-05-1]

@@ -2,6 +2,7 @@
 
 Each function runs in the lesson's namespace: torch, dist and the lesson's helpers are in scope.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -23,4 +24,4 @@ def bucketed_dp_step(model, optimizer, group):
     for grad, average in zip(grads, bucket.split([grad.numel() for grad in grads])):
         grad.copy_(average.view_as(grad))  # back into .grad, where the optimizer reads it
     optimizer.step()
-# --8<-- [end:ex-06-1]
+    # --8<-- [end:ex-06-1]

@@ -1,6 +1,6 @@
 """Shared test helpers. Every multi-process run goes through course.launcher, so it is bounded
 in time, its output comes back in rank order, and it reports any process it left behind."""
-import ast
+
 import re
 import socket
 import sys
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from course.launcher import ROOT, launch, run_command
+from course.launcher import ROOT, launch, run_command, what_you_should_see
 
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
 PROGRAMS = ROOT / "tests" / "programs"
@@ -27,10 +27,15 @@ def run_ranks(target, nproc=4, args=(), timeout=180, env=None):
 
 def run_python(path, args=(), timeout=180, env=None):
     """`python path args` (a lesson re-launching itself under torchrun), bounded, no leftovers."""
-    result = run_command([sys.executable, str(path), *map(str, args)], timeout,
-                         {"COURSE_BACKEND": "gloo", **(env or {})})
+    cmd = [sys.executable, str(path), *map(str, args)]
+    result = run_command(cmd, timeout, {"COURSE_BACKEND": "gloo", **(env or {})})
     assert result.leftovers == 0, f"{result.leftovers} processes outlived the run"
     return result
+
+
+def line_of(path, code):
+    """The number of the first line of `path` holding `code` (as a traceback or stack shows it)."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if code in line)
 
 
 def text(result):
@@ -47,13 +52,9 @@ def expected_output(path):
     patterns, one per output line, in order: `...` matches anything, a number any number,
     `  <- note` is a remark for the reader, a line `...` alone stands for lines left out, and
     a line indented further continues the one above."""
-    lines = ast.get_docstring(ast.parse(path.read_text())).splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("What you should see"))
     shown = []
-    for line in lines[start + 1:]:
-        if line.strip() and not line.startswith("    "):
-            break  # the block ends at the next unindented line
-        line = re.sub(r"\s+<-.*$", "", line[4:].rstrip())
+    for line in what_you_should_see(path):
+        line = re.sub(r"\s+<-.*$", "", line)
         if line.startswith(" ") and shown and not line.lstrip().startswith("..."):
             shown[-1] += " " + line.strip()  # a continuation line
         elif line.strip() and line.strip() != "...":
@@ -66,11 +67,17 @@ def _pattern(line):
     """One shown line as a regex: its `[rank N]` prefix kept, `...` anything, any number for a
     number, any run of spaces for a run of spaces (column widths follow the numbers)."""
     prefix = re.match(r"\[rank \d+\]", line)
-    head, rest = (prefix[0], line[prefix.end():]) if prefix else ("", line)
+    head, rest = (prefix[0], line[prefix.end() :]) if prefix else ("", line)
     parts = re.split(rf"(\.\.\.|\s+|(?<![\w.]){NUMBER}(?!\w))", rest)
-    body = "".join(".*" if part == "..." else r"\s+" if part.isspace() else
-                   NUMBER if re.fullmatch(NUMBER, part) else re.escape(part) for part in parts)
-    return re.compile(re.escape(head) + body + r"\s*")
+    return re.compile(re.escape(head) + "".join(map(_piece, parts)) + r"\s*")
+
+
+def _piece(part):
+    if part == "...":
+        return ".*"
+    if part.isspace():
+        return r"\s+"
+    return NUMBER if re.fullmatch(NUMBER, part) else re.escape(part)
 
 
 def assert_shows(out, path, checked_only=False):
@@ -82,9 +89,11 @@ def assert_shows(out, path, checked_only=False):
     lines, at = out.splitlines(), 0
     for line, pattern in shown:
         found = next((i for i in range(at, len(lines)) if pattern.fullmatch(lines[i])), None)
-        assert found is not None, (f"{path.name}: its docstring shows\n  {line}\nbut no line "
-                                   f"after line {at} of the run's output looks like it (numbers "
-                                   f"and `...` may differ):\n{out}")
+        assert found is not None, (
+            f"{path.name}: its docstring shows\n  {line}\nbut no line "
+            f"after line {at} of the run's output looks like it (numbers "
+            f"and `...` may differ):\n{out}"
+        )
         at = found + 1
 
 
@@ -99,36 +108,21 @@ def lesson(request):
     return ROOT / "lessons" / f"{request.param}.py"
 
 
-def reference_student(n_students, steps=4, teacher_steps=3, batch=8, vocab=256, seq=32,
-                      lr=1e-2):
-    """distill_demo's and rpc_demo's single-process reference: the same teacher (trained the
-    same way), one student on every student's batches at once, learning from the teacher's full
-    probabilities. Returns the student."""
-    from distill_demo.data import MarkovData
-    from distill_demo.knowledge import kl_full
-    from distill_demo.models import make_student, make_teacher
-    from distill_demo.train import PRETRAIN_SHARD, RECIPES
+def reference_student(n_students, steps=4, teacher_steps=3, batch=8, vocab=256, seq=32, lr=1e-2):
+    """distill_demo's and rpc_demo's single-process reference (distill_demo/reference.py) for
+    the tests' runs: tiny models on the CPU, one student on every student's batches at once,
+    learning from the teacher's full probabilities, whatever the run sent. Returns the student."""
+    from distill_demo.reference import train_reference
+    from distill_demo.train import Config
 
-    data = MarkovData(vocab, seq)
-    teacher = make_teacher("tiny", vocab, seq)
-    lr, warmup = RECIPES["tiny"].teacher_lr, RECIPES["tiny"].warmup
-    assert warmup == 0, "this reference pretrains without a warm-up, as tiny did"
-    optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
-    for step in range(teacher_steps):
-        ids = data.batch(step, PRETRAIN_SHARD, batch)
-        loss = torch.nn.functional.cross_entropy(teacher(ids[:, :-1]).flatten(0, 1),
-                                                 ids[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    student = make_student("tiny", vocab, seq)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
-    for step in range(steps):
-        batches = [data.batch(step, shard, batch) for shard in range(n_students)]
-        with torch.no_grad():
-            targets = [teacher(ids).softmax(-1) for ids in batches]
-        loss = sum(kl_full(student(ids), p) for ids, p in zip(batches, targets)) / n_students
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return student
+    cfg = Config(
+        "tiny",
+        vocab,
+        seq,
+        batch,
+        lr,
+        topk=vocab,
+        teacher_steps=teacher_steps,
+        device=torch.device("cpu"),
+    )
+    return train_reference(cfg, "full", n_students, steps)[1]

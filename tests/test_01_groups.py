@@ -1,8 +1,8 @@
 """Lesson 01 beyond the generic runs: `--broken order|members` breaks the new_group rule on
 purpose; it must fail by itself within its short group timeout (not be stopped by the
 launcher), say on every rank what went wrong, and leave no process behind."""
-import pytest
 
+import pytest
 from conftest import ROOT, run_ranks, text
 
 LESSON = ROOT / "lessons" / "01_groups.py"
@@ -16,8 +16,10 @@ def test_broken_rule_fails_by_itself_and_explains(how):
     assert not result.timed_out and "Traceback" not in out, out
     # Which call made which group is fixed by the flag; what gloo then did varies run to run.
     for rank in range(4):
-        assert (f"[rank {rank}] error: --broken {how}: the ranks made different new_group calls; "
-                "group '1' was [0, 1] on ranks [0, 1] but [2, 3] on ranks [2, 3]") in out, out
+        assert (
+            f"[rank {rank}] error: --broken {how}: the ranks made different new_group calls; "
+            "group '1' was [0, 1] on ranks [0, 1] but [2, 3] on ranks [2, 3]"
+        ) in out, out
     assert "[rank 0] What went wrong: torch names a group by counting new_group calls" in out
     assert "[rank 0] rank  new_group calls, in order  what happened" in out
 

@@ -1,6 +1,7 @@
 """What the generic lesson tests don't cover in lesson 03: the --bench sweep on gloo, a bad
 --bench-ops, the Ring-vs-Tree script (benchmarks/collectives.py) without GPUs, and the trees
 it draws."""
+
 import collections
 import importlib.util
 import json
@@ -32,18 +33,24 @@ def test_bench_prints_a_table_checks_the_data_and_saves_plot_and_rows(tmp_path):
 
 
 def test_an_unknown_collective_is_a_clear_error_on_every_rank(tmp_path):
-    result = run_ranks(LESSON_03, 2, ["--bench", "--bench-ops", "all_reduce,allgather",
-                                      "--out", tmp_path])
+    result = run_ranks(
+        LESSON_03, 2, ["--bench", "--bench-ops", "all_reduce,allgather", "--out", tmp_path]
+    )
     out = text(result)
     assert result.returncode != 0 and "Traceback" not in out, out
     for rank in range(2):
-        assert (f"[rank {rank}] error: --bench-ops all_reduce,allgather: no collective called "
-                "allgather. Choose from all_reduce,broadcast.") in out, out
+        assert (
+            f"[rank {rank}] error: --bench-ops all_reduce,allgather: no collective called "
+            "allgather. Choose from all_reduce,broadcast."
+        ) in out, out
 
 
 def test_ring_vs_tree_script_without_gpus_runs_once_and_says_why(tmp_path):
-    result = run_command([sys.executable, str(SCRIPT), "--nproc", "2", "--out", str(tmp_path)],
-                         timeout=180, env={"COURSE_BACKEND": "gloo"})
+    result = run_command(
+        [sys.executable, str(SCRIPT), "--nproc", "2", "--out", str(tmp_path)],
+        timeout=180,
+        env={"COURSE_BACKEND": "gloo"},
+    )
     out = text(result)
     assert result.returncode == 0, out
     assert "where NCCL_ALGO changes nothing. One run only." in out

@@ -1,11 +1,12 @@
 """Every program in lessons/broken/ fails the way its docstring says: by itself, within the bound,
 with a non-zero exit, a message that names the rank(s) and the wrong call, and no process left
 behind. Each runs its first documented command ("Run it"), on gloo."""
+
 import re
 
 import pytest
+from conftest import ROOT, line_of, run_ranks, text
 
-from conftest import ROOT, run_ranks, text
 from lessons.broken import documented_runs
 
 BROKEN = ROOT / "lessons" / "broken"
@@ -14,12 +15,6 @@ PROGRAMS = sorted(BROKEN.glob("[a-z]*.py"))
 # idle 2-core machine they end in 3-15 s (--debug's collective timeout is 10 s); under the load
 # of a full test run, starting 4 ranks alone has taken 15-20 s.
 BOUND_S = 60
-
-
-def line_of(path, code):
-    """file:line of the line holding `code` (what a traceback or stack dump shows)."""
-    number = next(i for i, line in enumerate(path.read_text().splitlines(), 1) if code in line)
-    return number
 
 
 def call(rank, code):
@@ -32,40 +27,56 @@ EXPECTED = {
     "collective_mismatch": [
         "[rank0]: RuntimeError: Detected mismatch between collectives on ranks. Rank 0 is "
         "running collective: CollectiveFingerPrint(SequenceNumber=0, OpType=ALLREDUCE",
-        re.compile(r"but Rank 1 is running collective: CollectiveFingerPrint\(SequenceNumber=0, "
-                   r"OpType=BROADCAST.*Op type: ALLREDUCEvs BROADCAST"),
+        re.compile(
+            r"but Rank 1 is running collective: CollectiveFingerPrint\(SequenceNumber=0, "
+            r"OpType=BROADCAST.*Op type: ALLREDUCEvs BROADCAST"
+        ),
         call(0, "dist.all_reduce(x)  # the mistake: rank 0 sums..."),
-        call(1, "dist.broadcast(x, src=0)  # ...while the others wait for rank 0's broadcast")],
+        call(1, "dist.broadcast(x, src=0)  # ...while the others wait for rank 0's broadcast"),
+    ],
     "shape_mismatch": [
-        re.compile(r"\[rank0\]: RuntimeError: Detected mismatch between collectives on ranks\. "
-                   r"Rank 0 is running collective: .*TensorShape=\[4\].* but Rank 1 is running "
-                   r"collective: .*TensorShape=\[3\].*Tensor shapes: 4vs 3"),
-        call(1, "dist.all_reduce(grad)")],
+        re.compile(
+            r"\[rank0\]: RuntimeError: Detected mismatch between collectives on ranks\. "
+            r"Rank 0 is running collective: .*TensorShape=\[4\].* but Rank 1 is running "
+            r"collective: .*TensorShape=\[3\].*Tensor shapes: 4vs 3"
+        ),
+        call(1, "dist.all_reduce(grad)"),
+    ],
     "skipped_collective": [
         "[rank0]: RuntimeError: [Rank 0]: Ranks 3 failed to pass monitoredBarrier in 10000 ms",
         call(0, "dist.all_reduce(grad)"),
         "[rank 0] why: rank 3 had 2 batches, the others 3: it skipped the all_reduce of step 2",
-        "[rank 3] trained on 2 batches; evaluating"],
+        "[rank 3] trained on 2 batches; evaluating",
+    ],
     "send_send_deadlock": [
         *[f"[rank{r}]: RuntimeError: " for r in (0, 1)],
-        *[call(r, "dist.send(mine, right)  # the mistake: everybody sends first...")
-          for r in (0, 1)],
+        *[
+            call(r, "dist.send(mine, right)  # the mistake: everybody sends first...")
+            for r in (0, 1)
+        ],
         re.compile(r"Timed out waiting 10000ms for send operation to complete"),
-        *[f"[rank {r}] why: every rank is in send() to its right-hand neighbour" for r in (0, 1)]],
+        *[f"[rank {r}] why: every rank is in send() to its right-hand neighbour" for r in (0, 1)],
+    ],
     "recv_wrong_shape": [
         "op.preamble.length <= op.nbytes. 40 vs 32. Received data size doesn't match expected size",
         "torchrun: rank 1 failed first (exit code -6)",  # SIGABRT, on the receiving rank
-        f'recv_wrong_shape.py", line {line_of(BROKEN / "recv_wrong_shape.py", "dist.recv(batch")}'],
+        f'recv_wrong_shape.py", line {line_of(BROKEN / "recv_wrong_shape.py", "dist.recv(batch")}',
+    ],
     "missing_wait": [
         "[rank1]: AssertionError: rank 1: received [0.0, 0.0, 0.0, 0.0] from rank 0, which sent "
         "[7.0, 7.0, 7.0, 7.0]",
-        "[rank 1] why: rank 0 zeroed its tensor after isend() without waiting on the request"],
+        "[rank 1] why: rank 0 zeroed its tensor after isend() without waiting on the request",
+    ],
     "new_group_members_only": [
         f"[rank{r}]: RuntimeError: the ranks disagree on the new_group calls, in order: [[0, 1]] "
-        "on ranks 0, 1 but [[2, 3]] on ranks 2, 3" for r in range(4)],
+        "on ranks 0, 1 but [[2, 3]] on ranks 2, 3"
+        for r in range(4)
+    ],
     "group_order": [
         f"[rank{r}]: RuntimeError: the ranks disagree on the new_group calls, in order: "
-        "[[0, 1], [2, 3]] on ranks 0, 1 but [[2, 3], [0, 1]] on ranks 2, 3" for r in range(4)],
+        "[[0, 1], [2, 3]] on ranks 0, 1 but [[2, 3], [0, 1]] on ranks 2, 3"
+        for r in range(4)
+    ],
 }
 
 
@@ -97,8 +108,10 @@ def test_a_true_hang_is_stopped_and_each_rank_says_where():
     line = line_of(path, "dist.send(mine, right)")
     assert result.returncode == -1 and result.stuck[0] == "stopped after 25 s; where each rank was:"
     for rank in (0, 1):
-        assert (f"[rank {rank}] in send() called at lessons/broken/send_send_deadlock.py:{line}: "
-                "dist.send(mine, right)  # the mistake: everybody sends first...") in result.stuck
+        assert (
+            f"[rank {rank}] in send() called at lessons/broken/send_send_deadlock.py:{line}: "
+            "dist.send(mine, right)  # the mistake: everybody sends first..."
+        ) in result.stuck
 
 
 def test_odd_world_size_for_the_distill_lesson_is_refused_on_every_rank():
@@ -107,8 +120,10 @@ def test_odd_world_size_for_the_distill_lesson_is_refused_on_every_rank():
     out = text(result)
     assert result.returncode != 0 and not result.timed_out and "Traceback" not in out
     for rank in range(3):
-        assert (f"[rank {rank}] error: {distill} needs an even number of ranks, at least 2, but "
-                "was started with --nproc-per-node 3. Try: torchrun --nproc-per-node 4") in out
+        assert (
+            f"[rank {rank}] error: {distill} needs an even number of ranks, at least 2, but "
+            "was started with --nproc-per-node 3. Try: torchrun --nproc-per-node 4"
+        ) in out
 
 
 def test_the_agreement_check_passes_when_the_ranks_agree(tmp_path):
@@ -119,11 +134,13 @@ def test_the_agreement_check_passes_when_the_ranks_agree(tmp_path):
         "from course.ranks import parser, print_rank, setup\n"
         "with setup(parser('').parse_args()) as ctx:\n"
         "    same_on_every_rank('the groups', [[0, 1], [2, 3]])\n"
-        "    print_rank('agreed')\n")
+        "    print_rank('agreed')\n"
+    )
     result = run_ranks(program, 4, timeout=BOUND_S)
     assert result.returncode == 0, text(result)
     assert [line for line in result.lines if "agreed" in line] == [
-        f"[rank {r}] agreed" for r in range(4)]
+        f"[rank {r}] agreed" for r in range(4)
+    ]
 
 
 def test_explain_keeps_the_original_error_and_adds_one_line(capsys, monkeypatch):

@@ -1,23 +1,22 @@
 """distill_demo: the trainer lesson 06 grows into. Its distributed results against a single
 process, its benchmark's byte counts against the formula, its bad inputs, a dying teacher, and
 the pieces other code imports (models, data, losses)."""
+
 import re
 import sys
 import textwrap
 
 import pytest
 import torch
-
 from conftest import ROOT, reference_student, run_ranks, text
-from course import launcher
 
-sys.path.insert(0, str(ROOT))  # the package lives at the repository root
-from distill_demo.__main__ import parse_args, validate  # noqa: E402
-from distill_demo.data import MarkovData  # noqa: E402
-from distill_demo.knowledge import kl_full, kl_topk, teacher_message  # noqa: E402
-from distill_demo.models import make_student, make_teacher  # noqa: E402
-from distill_demo.report import CheckFailed, Progress, check_loss_fell  # noqa: E402
-from distill_demo.train import RECIPES, pretrain  # noqa: E402
+from course import launcher
+from distill_demo.__main__ import parse_args, validate
+from distill_demo.data import MarkovData
+from distill_demo.knowledge import kl_full, kl_topk, teacher_message
+from distill_demo.models import make_student, make_teacher
+from distill_demo.report import CheckFailed, Progress, check_loss_fell
+from distill_demo.train import RECIPES, pretrain
 
 ENV = {"PYTHONPATH": str(ROOT)}  # so `-m distill_demo` is found from any working directory
 SMALL = ["--steps", 4, "--teacher-steps", 3]  # a few steps: enough to tell a wrong answer
@@ -27,25 +26,28 @@ def demo(nproc, args, timeout=180, env=None):
     return run_ranks("distill_demo", nproc, args, timeout, {**ENV, **(env or {})})
 
 
-
-
-@pytest.mark.parametrize("nproc, ratio, transfer", [
-    (2, "1:1", ["--transfer", "full"]),
-    (4, "2:2", ["--transfer", "full", "--overlap", "off"]),
-    (4, "1:3", ["--transfer", "topk", "--topk", 256]),  # k = vocab: the full distribution
-    (4, "3:1", ["--transfer", "hidden"]),  # 3 teachers split one student's batch
-], ids=["1:1-full", "2:2-full-no-overlap", "1:3-topk-all", "3:1-hidden"])
+@pytest.mark.parametrize(
+    "nproc, ratio, transfer",
+    [
+        (2, "1:1", ["--transfer", "full"]),
+        (4, "2:2", ["--transfer", "full", "--overlap", "off"]),
+        (4, "1:3", ["--transfer", "topk", "--topk", 256]),  # k = vocab: the full distribution
+        (4, "3:1", ["--transfer", "hidden"]),  # 3 teachers split one student's batch
+    ],
+    ids=["1:1-full", "2:2-full-no-overlap", "1:3-topk-all", "3:1-hidden"],
+)
 def test_students_match_one_process(tmp_path, nproc, ratio, transfer):
     saved = tmp_path / "student.pt"
-    result = demo(nproc, ["--ratio", ratio, *transfer, *SMALL, "--out", tmp_path,
-                          "--save", saved])
+    result = demo(nproc, ["--ratio", ratio, *transfer, *SMALL, "--out", tmp_path, "--save", saved])
     out = text(result)
     assert result.returncode == 0 and "Traceback" not in out, out
     teachers, students = map(int, ratio.split(":"))
     n_students = nproc * students // (teachers + students)
     assert f"[rank 0] teachers:students {ratio} on {nproc} ranks" in out
-    assert (f"[rank 0] checked: every student holds the same weights (spread 0 over the student "
-            f"group of {n_students})") in out
+    assert (
+        f"[rank 0] checked: every student holds the same weights (spread 0 over the student "
+        f"group of {n_students})"
+    ) in out
     assert "[rank 0] checked: each teacher answered 4 steps and stopped on the stop message" in out
     assert_same_weights(torch.load(saved), reference_student(n_students).state_dict())
 
@@ -73,16 +75,20 @@ def test_default_run_reports_its_checks_and_draws(tmp_path):
     result = demo(4, ["--steps", 10, "--teacher-steps", 5, "--out", tmp_path])
     out = text(result)
     assert result.returncode == 0 and "Traceback" not in out, out
-    for line in ["teachers:students 1:1 on 4 ranks: 2 teachers, 2 students",
-                 "  teacher 2 -> student 0 (whole batches)",
-                 "  teacher 3 -> student 1 (whole batches)",
-                 "bytes per step per student: 262,256 from its teachers, 2,160 to them (ids)",
-                 "checked: that is 256 tokens x 1,024 bytes (full) + 1 header",
-                 "checked: mean student loss fell from"]:
+    for line in [
+        "teachers:students 1:1 on 4 ranks: 2 teachers, 2 students",
+        "  teacher 2 -> student 0 (whole batches)",
+        "  teacher 3 -> student 1 (whole batches)",
+        "bytes per step per student: 262,256 from its teachers, 2,160 to them (ids)",
+        "checked: that is 256 tokens x 1,024 bytes (full) + 1 header",
+        "checked: mean student loss fell from",
+    ]:
         assert f"[rank 0] {line}" in out, f"missing {line!r} in:\n{out}"
     progress = [line for line in result.lines if line.startswith("[rank 0] train ")]
-    assert progress == [f"[rank 0] train {i}/10 loss " + line.split(" loss ")[1]
-                        for i, line in zip(range(1, 11), progress)]  # a line a step: not a tty
+    assert progress == [
+        f"[rank 0] train {i}/10 loss " + line.split(" loss ")[1]
+        for i, line in zip(range(1, 11), progress)
+    ]  # a line a step: not a tty
     for name in ("06_demo_loss.png", "06_demo_timeline.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
@@ -93,11 +99,13 @@ def test_bench_reports_every_mode_with_the_bytes_the_formula_gives(tmp_path):
     assert result.returncode == 0 and "Traceback" not in out, out
     rows = {}
     for line in result.lines:
-        match = re.match(r"\[rank 0\] (full|topk|hidden) +(on|off) +([\d.]+) +([\d,]+) +([\d,]+) ",
-                         line)
+        match = re.match(
+            r"\[rank 0\] (full|topk|hidden) +(on|off) +([\d.]+) +([\d,]+) +([\d,]+) ", line
+        )
         if match:
-            rows[match[1], match[2]] = [float(match[3])] + [int(g.replace(",", "")) for g in
-                                                            match.groups()[3:]]
+            rows[match[1], match[2]] = [float(match[3])] + [
+                int(g.replace(",", "")) for g in match.groups()[3:]
+            ]
     assert len(rows) == 6, out
     tokens, header = 8 * 32, 112  # --batch 8, --seq 32; one header per answer
     per_token = {"full": 4 * 256, "topk": 8 * (4 + 4), "hidden": 64 * 4}  # float32 on a CPU
@@ -111,19 +119,33 @@ def test_bench_reports_every_mode_with_the_bytes_the_formula_gives(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("world, flags, message", [
-    (4, ["--ratio", "1:2"], "--ratio 1:2 needs a multiple of 3 ranks (1 teacher and 2 students "
-                            "at a time), but was started with 4. Try: torchrun --nproc-per-node 3"),
-    (3, [], "--ratio 1:1 needs a multiple of 2 ranks (1 teacher and 1 student at a time), but "
-            "was started with 3"),
-    (4, ["--ratio", "2-2"], "--ratio 2-2: write it as TEACHERS:STUDENTS"),
-    (4, ["--ratio", "0:4"], "--ratio 0:4: write it as TEACHERS:STUDENTS with two positive"),
-    (2, ["--topk", 300], "--topk 300 must be between 1 and --vocab 256"),
-    (2, ["--topk", 0], "--topk 0 must be between 1 and --vocab 256"),
-    (4, ["--ratio", "3:1", "--batch", 2], "--batch 2: each student splits its batch's rows over "
-                                          "its 3 teachers"),
-    (2, ["--steps", 0], "--steps and --repeats must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "world, flags, message",
+    [
+        (
+            4,
+            ["--ratio", "1:2"],
+            "--ratio 1:2 needs a multiple of 3 ranks (1 teacher and 2 students "
+            "at a time), but was started with 4. Try: torchrun --nproc-per-node 3",
+        ),
+        (
+            3,
+            [],
+            "--ratio 1:1 needs a multiple of 2 ranks (1 teacher and 1 student at a time), but "
+            "was started with 3",
+        ),
+        (4, ["--ratio", "2-2"], "--ratio 2-2: write it as TEACHERS:STUDENTS"),
+        (4, ["--ratio", "0:4"], "--ratio 0:4: write it as TEACHERS:STUDENTS with two positive"),
+        (2, ["--topk", 300], "--topk 300 must be between 1 and --vocab 256"),
+        (2, ["--topk", 0], "--topk 0 must be between 1 and --vocab 256"),
+        (
+            4,
+            ["--ratio", "3:1", "--batch", 2],
+            "--batch 2: each student splits its batch's rows over its 3 teachers",
+        ),
+        (2, ["--steps", 0], "--steps and --repeats must be at least 1"),
+    ],
+)
 def test_bad_flags_are_named(capsys, monkeypatch, world, flags, message):
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as exit_:
@@ -132,10 +154,13 @@ def test_bad_flags_are_named(capsys, monkeypatch, world, flags, message):
     assert capsys.readouterr().out.startswith(f"[rank 1] error: {message}")
 
 
-@pytest.mark.parametrize("nproc, flags, message", [
-    (4, ["--ratio", "1:2"], "--ratio 1:2 needs a multiple of 3 ranks"),
-    (2, ["--topk", 300], "--topk 300 must be between 1 and --vocab 256"),
-])
+@pytest.mark.parametrize(
+    "nproc, flags, message",
+    [
+        (4, ["--ratio", "1:2"], "--ratio 1:2 needs a multiple of 3 ranks"),
+        (2, ["--topk", 300], "--topk 300 must be between 1 and --vocab 256"),
+    ],
+)
 def test_bad_flags_stop_every_rank_before_any_collective(nproc, flags, message):
     result = demo(nproc, flags, timeout=60)
     out = text(result)
@@ -149,7 +174,8 @@ def dying_teacher(tmp_path, rank, at_step, how):
     """distill_demo, except that teacher `rank` dies instead of answering step `at_step`.
     Test-only: the package has no such switch; this wrapper replaces teacher_message."""
     wrapper = tmp_path / "dying_teacher.py"
-    wrapper.write_text(textwrap.dedent(f"""
+    wrapper.write_text(
+        textwrap.dedent(f"""
         import os, signal
         import distill_demo.train
         from distill_demo.__main__ import main
@@ -163,7 +189,8 @@ def dying_teacher(tmp_path, rank, at_step, how):
 
         distill_demo.train.teacher_message = teacher_message
         main()
-    """))
+    """)
+    )
     return wrapper
 
 
@@ -171,31 +198,58 @@ def test_a_teacher_that_exits_mid_run_is_named_by_its_students(tmp_path):
     """Teacher 3 serves students 0, 1, 2 (1:3) and leaves with exit code 0 at step 5, so torchrun
     does not stop the run: the students must notice by themselves, name it, and fail."""
     wrapper = dying_teacher(tmp_path, 3, 5, "os._exit(0)")
-    result = run_ranks(wrapper, 4, ["--ratio", "1:3", "--steps", 50, "--teacher-steps", 0,
-                                    "--out", tmp_path], timeout=120,
-                       env={**ENV, "COURSE_TIMEOUT": "60"})
+    result = run_ranks(
+        wrapper,
+        4,
+        ["--ratio", "1:3", "--steps", 50, "--teacher-steps", 0, "--out", tmp_path],
+        timeout=120,
+        env={**ENV, "COURSE_TIMEOUT": "60"},
+    )
     out = text(result)
     assert not result.timed_out and result.returncode != 0, out
     # The kernel closes a dead process's sockets: gloo reads "Connection closed by peer", or
     # "Connection reset by peer" if the dead process had unread data.
-    assert re.search(r"\[rank [012]\] error: teacher rank 3 stopped answering \([^)]*Connection "
-                     r"(closed|reset) by peer[^)]*\) at step 5\n", out + "\n"), out
+    assert re.search(
+        r"\[rank [012]\] error: teacher rank 3 stopped answering \([^)]*Connection "
+        r"(closed|reset) by peer[^)]*\) at step 5\n",
+        out + "\n",
+    ), out
     assert "Timed out" not in out and "checked:" not in out
 
 
 def test_a_teacher_killed_mid_run_stops_the_run(tmp_path):
     wrapper = dying_teacher(tmp_path, 1, 3, "os.kill(os.getpid(), signal.SIGKILL)")
-    result = run_ranks(wrapper, 2, ["--steps", 50, "--teacher-steps", 0, "--out", tmp_path],
-                       timeout=120, env={**ENV, "COURSE_TIMEOUT": "60"})
+    result = run_ranks(
+        wrapper,
+        2,
+        ["--steps", 50, "--teacher-steps", 0, "--out", tmp_path],
+        timeout=120,
+        env={**ENV, "COURSE_TIMEOUT": "60"},
+    )
     out = text(result)
     assert not result.timed_out and result.returncode != 0, out
     assert "torchrun: rank 1 failed first (exit code -9)" in out, out
 
 
 def test_plain_python_starts_torchrun_itself(tmp_path):
-    result = launcher.run_command([sys.executable, "-m", "distill_demo", "--nproc", "2",
-                                   "--steps", "2", "--teacher-steps", "0", "--out", str(tmp_path)],
-                                  timeout=180, env={**ENV, "COURSE_BACKEND": "gloo"}, cwd=ROOT)
+    result = launcher.run_command(
+        [
+            sys.executable,
+            "-m",
+            "distill_demo",
+            "--nproc",
+            "2",
+            "--steps",
+            "2",
+            "--teacher-steps",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        timeout=180,
+        env={**ENV, "COURSE_BACKEND": "gloo"},
+        cwd=ROOT,
+    )
     assert result.returncode == 0 and result.leftovers == 0, text(result)
     assert "[rank 0] checked: each teacher answered 2 steps" in text(result)
 
@@ -210,9 +264,9 @@ def test_models_data_and_losses_import_and_agree():
     size = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert size(teacher) > size(student)
     logits = student(ids)
-    probs, = teacher_message("full", teacher, ids, 64)
+    (probs,) = teacher_message("full", teacher, ids, 64)
     values, indices = teacher_message("topk", teacher, ids, 64)  # k = vocab: nothing dropped
-    hidden, = teacher_message("hidden", teacher, ids, 64)
+    (hidden,) = teacher_message("hidden", teacher, ids, 64)
     assert indices.dtype == torch.int32
     torch.testing.assert_close(kl_topk(logits, values, indices), kl_full(logits, probs))
     torch.testing.assert_close(teacher.lm_head(hidden).softmax(-1), probs)
@@ -263,15 +317,21 @@ def test_teacher_pretraining_learns(size):
     losses = pretrain(make_teacher(size, 256, 32), MarkovData(256, 32), size, steps, 8, "cpu")
     assert len(losses) == steps and losses[-1] < 0.6 * losses[0], (
         f"{size}: next-token loss {losses[0]:.2f} -> {losses[-1]:.2f} in {steps} steps; "
-        "expected below 60% of the first")
+        "expected below 60% of the first"
+    )
 
 
 def test_a_loss_that_does_not_fall_is_one_line_with_what_to_try(capsys):
     args = parse_args(["--size", "large", "--steps", "24"])
-    with pytest.raises(CheckFailed, match=r"^the students' mean loss did not fall in 24 steps: "
-                       r"3\.7955 -> 4\.0608\. Their step size may be too large for --size large: "
-                       r"try a smaller --lr than 0\.0003, or more --steps$"):
+    with pytest.raises(
+        CheckFailed,
+        match=r"^the students' mean loss did not fall in 24 steps: "
+        r"3\.7955 -> 4\.0608\. Their step size may be too large for --size large: "
+        r"try a smaller --lr than 0\.0003, or more --steps$",
+    ):
         check_loss_fell([3.7955, 7.8, 4.0608], args)
     check_loss_fell([3.7955, 3.5], args)
-    assert "checked: mean student loss fell from 3.7955 to 3.5000 in 24 steps" in \
-        capsys.readouterr().out
+    assert (
+        "checked: mean student loss fell from 3.7955 to 3.5000 in 24 steps"
+        in capsys.readouterr().out
+    )

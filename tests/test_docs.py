@@ -1,5 +1,6 @@
 """The docs site: builds with --strict (a missing snippet, page or link fails it), every lesson and
 notebook has a page, no Python is pasted by hand, and every page renders in a real browser."""
+
 import contextlib
 import functools
 import http.server
@@ -11,18 +12,22 @@ import sys
 import threading
 
 import pytest
-
 from conftest import LESSONS, ROOT, lesson_ids
 
 MKDOCS = ROOT / "mkdocs.yml"
 SHOTS = ROOT / "out" / "screenshots"  # for a person to look at; not committed
 
 
+def mkdocs_build(site, config_folder):
+    """`mkdocs build --strict` of config_folder/mkdocs.yml into `site`, bounded."""
+    build = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)]
+    return subprocess.run(build, cwd=config_folder, capture_output=True, text=True, timeout=300)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     folder = tmp_path_factory.mktemp("site")
-    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(folder)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    build = mkdocs_build(folder, ROOT)
     assert build.returncode == 0, build.stdout + build.stderr
     return folder
 
@@ -38,9 +43,11 @@ def test_a_missing_snippet_fails_the_build(tmp_path):
     (docs / "index.md").write_text('```python\n--8<-- "lessons/00_hello.py:no-such-region"\n```\n')
     config = MKDOCS.read_text().split("\nnav:")[0].replace("docs_dir: docs", f"docs_dir: {docs}")
     config = re.sub(r"  - mkdocs-jupyter:\n(    .*\n)+", "", config)
-    (tmp_path / "mkdocs.yml").write_text(config.replace('base_path: ["."]', f'base_path: ["{ROOT}"]'))
-    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d",
-                            str(tmp_path / "site")], cwd=tmp_path, capture_output=True, text=True)
+    config = re.sub(r"^  - (tools/\S+)", rf"  - {ROOT}/\1", config, flags=re.M)  # the hooks
+    (tmp_path / "mkdocs.yml").write_text(
+        config.replace('base_path: ["."]', f'base_path: ["{ROOT}"]')
+    )
+    build = mkdocs_build(tmp_path / "site", tmp_path)
     assert build.returncode != 0 and "no-such-region" in build.stdout + build.stderr
 
 
@@ -57,7 +64,8 @@ def test_no_python_is_pasted_into_the_docs():
         for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S):
             lines = [line for line in block.strip().splitlines() if line.strip()]
             assert lines and all(line.startswith("--8<--") for line in lines), (
-                f"{page.relative_to(ROOT)}: a python block that is not a snippet include:\n{block}")
+                f"{page.relative_to(ROOT)}: a python block that is not a snippet include:\n{block}"
+            )
 
 
 def browser():
@@ -66,15 +74,25 @@ def browser():
     if not (chromium and driver):
         if os.environ.get("COURSE_REQUIRE_BROWSER"):
             pytest.fail("chromium/chromedriver are missing but COURSE_REQUIRE_BROWSER is set")
-        pytest.skip("chromium and chromedriver are not installed (apt install chromium chromium-driver)")
+        pytest.skip(
+            "chromium and chromedriver are not installed (apt install chromium chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1280,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -82,7 +100,8 @@ def browser():
 # Per page: the main article's text, images that failed to load, code blocks that came out empty.
 INSPECT = """
 const article = document.querySelector('article.md-content__inner');
-const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src);
+const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0)
+  .map(i => i.src);
 const empty = [...document.querySelectorAll('pre code, .highlight pre')]
   .filter(c => c.textContent.trim() === '').length;
 return {text: article ? article.innerText.trim().length : 0, broken: broken, empty: empty};
@@ -111,8 +130,11 @@ def test_every_page_renders_in_a_browser(site):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     driver = browser()
-    pages = sorted(p.relative_to(site).as_posix() for p in site.rglob("index.html")
-                   if "assets" not in p.parts and p.parent != site / "search")
+    pages = sorted(
+        p.relative_to(site).as_posix()
+        for p in site.rglob("index.html")
+        if "assets" not in p.parts and p.parent != site / "search"
+    )
     problems = []
     SHOTS.mkdir(parents=True, exist_ok=True)
     try:

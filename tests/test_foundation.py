@@ -1,9 +1,10 @@
 """The foundation every lesson stands on: the helper module, the launcher and bad input.
 Each bad input must give a clear message on every rank, a non-zero exit, no hang (every run is
 bounded by the launcher's timeout) and no process left behind."""
+
+import contextlib
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import torch
+from conftest import PROGRAMS, ROOT, free_port, line_of, run_python, run_ranks, text
 
-from conftest import PROGRAMS, ROOT, free_port, run_python, run_ranks, text
 from course import launcher, ranks
 
 HELLO = ROOT / "lessons" / "00_hello.py"
@@ -32,11 +34,14 @@ def test_print_rank_writes_each_message_in_one_call(monkeypatch):
     assert len(writes) == 1
 
 
-@pytest.mark.parametrize("gpus, local_ranks, expected", [
-    (0, 4, ("gloo", "no GPU: using gloo on CPU")),
-    (2, 4, ("gloo", "4 local ranks but 2 GPUs: using gloo on CPU")),
-    (2, 2, ("nccl", None)),
-])
+@pytest.mark.parametrize(
+    "gpus, local_ranks, expected",
+    [
+        (0, 4, ("gloo", "no GPU: using gloo on CPU")),
+        (2, 4, ("gloo", "4 local ranks but 2 GPUs: using gloo on CPU")),
+        (2, 2, ("nccl", None)),
+    ],
+)
 def test_backend_follows_the_hardware(monkeypatch, capsys, gpus, local_ranks, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -54,7 +59,10 @@ def test_forcing_nccl_without_gpus_is_a_clear_error_on_every_rank():
     out = text(result)
     assert result.returncode != 0
     for rank in range(2):
-        assert f"[rank {rank}] error: --backend nccl needs one GPU per local rank: 2 local ranks but" in out
+        assert (
+            f"[rank {rank}] error: --backend nccl needs one GPU per local rank: 2 local ranks but"
+            in out
+        )
     assert "Duplicate GPU" not in out and "Traceback" not in out
 
 
@@ -63,23 +71,28 @@ def test_a_world_size_the_lesson_cannot_use_fails_on_every_rank():
     out = text(result)
     assert result.returncode != 0 and "Traceback" not in out
     for rank in range(3):
-        assert (f"[rank {rank}] error: {PROGRAMS / 'needs_even.py'} needs an even number of ranks, "
-                "at least 2, but was started with --nproc-per-node 3. Try: torchrun "
-                "--nproc-per-node 4") in out
+        assert (
+            f"[rank {rank}] error: {PROGRAMS / 'needs_even.py'} needs an even number of ranks, "
+            "at least 2, but was started with --nproc-per-node 3. Try: torchrun "
+            "--nproc-per-node 4"
+        ) in out
 
 
 def test_plain_python_refuses_a_bad_world_size_before_starting_ranks():
     result = run_python(PROGRAMS / "needs_even.py", ["--nproc", 3], timeout=60)
     assert result.returncode == 2
-    assert "needs an even number of ranks, at least 2, but was started with --nproc 3" in text(result)
+    assert "needs an even number of ranks, at least 2, but was started with --nproc 3" in text(
+        result
+    )
     assert "torchrun" not in " ".join(result.lines[1:])  # nothing was launched
 
 
 def test_plain_python_starts_four_ranks_by_default():
     result = run_python(HELLO, timeout=120)
     assert result.returncode == 0, text(result)
-    assert sorted(l.split()[4] for l in result.lines if "torchrun set" in l) == [
-        f"RANK={r}" for r in range(4)]
+    assert sorted(line.split()[4] for line in result.lines if "torchrun set" in line) == [
+        f"RANK={r}" for r in range(4)
+    ]
 
 
 def test_a_port_in_use_is_a_clear_error():
@@ -92,41 +105,106 @@ def test_a_port_in_use_is_a_clear_error():
     assert f"tcp://127.0.0.1:{port}: that port is already in use on this machine" in text(result)
 
 
+def cmdline(process):
+    with contextlib.suppress(psutil.Error):
+        return process.cmdline()
+    return []  # it has ended since it was listed
+
+
+def ranks_of(tag, program):
+    """The ranks (not torchrun) of the run whose environment holds tag=1, running `program`."""
+    return [
+        p
+        for p in launcher.processes_with(tag, "1")
+        if program in " ".join(cmdline(p)) and "torch.distributed.run" not in cmdline(p)
+    ]
+
+
+def new_tag():
+    """A variable to put in one run's environment, so that a test can find its processes."""
+    return f"COURSE_TEST_{os.getpid()}_{time.monotonic_ns()}"
+
+
+def in_background(run):
+    """run() in a thread of its own: the thread, and a list that will hold what run() returns."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(run()))
+    thread.start()
+    return thread, results
+
+
 def test_a_rank_that_dies_stops_the_others():
     """Kill one rank of a running lesson: torchrun must stop the rest (bounded: 60 s)."""
-    tag = f"COURSE_TEST_{os.getpid()}_{time.monotonic_ns()}"
-    results = []
-    runner = threading.Thread(target=lambda: results.append(
-        run_ranks(HELLO, 4, timeout=60, env={tag: "1"})))
-    runner.start()
-    workers = []
-    while runner.is_alive() and len(workers) < 4:
-        workers = [pid for pid in launcher._pids_with(f"{tag}=1")
-                   if b"00_hello.py" in open(f"/proc/{pid}/cmdline", "rb").read()
-                   and b"torch.distributed.run" not in open(f"/proc/{pid}/cmdline", "rb").read()]
+    tag = new_tag()
+    runner, results = in_background(lambda: run_ranks(HELLO, 4, timeout=60, env={tag: "1"}))
+    while runner.is_alive() and len(ranks_of(tag, HELLO.name)) < 4:
         time.sleep(0.05)
-    os.kill(workers[-1], signal.SIGKILL)
+    ranks_of(tag, HELLO.name)[-1].kill()
     runner.join()
     assert results[0].returncode not in (0, -1), text(results[0])  # failed, and was not stuck
     assert "torchrun: rank" in text(results[0]) and "(exit code -9)" in text(results[0])
+    assert results[0].leftovers == 0 and not launcher.processes_with(tag, "1")
 
 
 def test_a_run_that_hangs_is_stopped_and_says_where_each_rank_was(capsys):
+    tag = new_tag()
     with pytest.raises(launcher.LessonFailed, match="ran too long and was stopped"):
-        launcher.run_lesson(PROGRAMS / "hang.py", 4, timeout=15)
+        launcher.run_lesson(PROGRAMS / "hang.py", 4, timeout=15, env={tag: "1"})
     out = capsys.readouterr().out
     assert "stopped after 15 s; where each rank was:" in out
-    assert "[rank 2] at tests/programs/hang.py:12: time.sleep(600)" in out
+    sleep, all_reduce = (line_of(PROGRAMS / "hang.py", code) for code in ("time.sleep", "dist.all"))
+    assert f"[rank 2] at tests/programs/hang.py:{sleep}: time.sleep(600)" in out
     for rank in (0, 1, 3):
-        assert (f"[rank {rank}] in all_reduce() called at tests/programs/hang.py:14: "
-                "dist.all_reduce(torch.ones(3))") in out
-    assert not launcher._pids_with("hang.py")
+        assert (
+            f"[rank {rank}] in all_reduce() called at tests/programs/hang.py:{all_reduce}: "
+            "dist.all_reduce(torch.ones(3))"
+        ) in out
+    assert not launcher.processes_with(tag, "1")
+
+
+def test_ranks_orphaned_by_a_dead_torchrun_are_still_stopped(tmp_path):
+    """SIGKILL on torchrun leaves its ranks running (each in a session of its own), outside its
+    process tree: the launcher still finds them when the run times out, and stops them."""
+    program = tmp_path / "sleeps.py"
+    program.write_text(
+        "import os, pathlib, time\n"
+        "from course.ranks import parser, setup\n"
+        "with setup(parser('').parse_args()) as ctx:\n"
+        "    pathlib.Path(os.environ['READY'], str(ctx.rank)).touch()\n"
+        "    time.sleep(600)\n"
+    )
+    tag = new_tag()
+    env = {"COURSE_BACKEND": "gloo", "READY": str(tmp_path), tag: "1"}
+    runner, results = in_background(lambda: launcher.launch(program, 2, timeout=30, env=env))
+    while runner.is_alive() and not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):
+        time.sleep(0.05)  # until both ranks have joined: then only they hold the run's pipe
+    for process in launcher.processes_with(tag, "1"):
+        if "torch.distributed.run" in cmdline(process):
+            process.kill()
+    runner.join()
+    result = results[0]
+    assert result.timed_out and result.stuck == ["stopped after 30 s; where each rank was:"] + [
+        f"[rank {rank}] at {program}:5: time.sleep(600)" for rank in (0, 1)
+    ]
+    assert not launcher.processes_with(tag, "1")
+
+
+def test_a_process_a_rank_leaves_behind_is_reported_and_killed():
+    """A child a rank starts in a session of its own and never ends outlives the run: counted
+    as a leftover, and killed."""
+    tag = new_tag()
+    result = launcher.launch(
+        PROGRAMS / "leaves_a_child.py", 2, timeout=60, env={"COURSE_BACKEND": "gloo", tag: "1"}
+    )
+    assert result.returncode == 0, text(result)
+    assert "[rank 1] started a child that sleeps for 10 minutes" in result.lines
+    assert result.leftovers == 1 and not launcher.processes_with(tag, "1")
 
 
 def test_run_lesson_prints_in_rank_order_and_returns_none(capsys):
     assert launcher.run_lesson("00", 2, env={"COURSE_BACKEND": "gloo"}) is None
     lines = capsys.readouterr().out.splitlines()
-    ranks = [int(launcher.RANK_LINE.match(l)[1]) for l in lines if launcher.RANK_LINE.match(l)]
+    ranks = [int(m[1]) for line in lines if (m := launcher.RANK_LINE.match(line))]
     assert ranks == sorted(ranks) and set(ranks) == {0, 1}
 
 
@@ -142,17 +220,36 @@ def test_two_nodes_on_one_machine():
 
     def node(rank):
         return launcher.run_command(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
-             str(rank), "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-             f"127.0.0.1:{port}", str(HELLO)], timeout=120, env={"COURSE_BACKEND": "gloo"})
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "2",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                str(HELLO),
+            ],
+            timeout=120,
+            env={"COURSE_BACKEND": "gloo"},
+        )
 
     with ThreadPoolExecutor(2) as pool:
         nodes = list(pool.map(node, [0, 1]))
     seen = []
     for result in nodes:
         assert result.returncode == 0, text(result)
-        mine = [dict(kv.split("=") for kv in l.split("torchrun set ")[1].split())
-                for l in result.lines if "torchrun set" in l]
+        mine = [
+            dict(kv.split("=") for kv in line.split("torchrun set ")[1].split())
+            for line in result.lines
+            if "torchrun set" in line
+        ]
         assert sorted(int(v["LOCAL_RANK"]) for v in mine) == [0, 1]
         assert len({v["GROUP_RANK"] for v in mine}) == 1 and mine[0]["WORLD_SIZE"] == "4"
         seen += [int(v["RANK"]) for v in mine]

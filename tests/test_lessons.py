@@ -1,6 +1,7 @@
 """Every lesson, run the three ways a learner runs it: torchrun with 4 ranks, with 2 ranks (or a
 clear world-size error), and plain python. Each must exit 0 and print what its docstring's
 "What you should see" block shows: all of it on 4 ranks, its `checked:` lines on 2."""
+
 import ast
 
 import pytest
@@ -14,6 +15,7 @@ def needs(path):
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "NEEDS":
             from course import ranks
+
             return getattr(ranks, node.value.id)
     return None
 

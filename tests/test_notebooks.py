@@ -2,22 +2,21 @@
 and current; nothing in them forks the kernel or touches CUDA; with the exercise cells replaced
 by the reference solutions every check passes; an interrupted cell leaves no rank behind.
 (nbval executes every notebook as shipped, through pytest's --nbval option in pyproject.toml.)"""
+
 import os
-import sys
 import threading
 import time
 
 import nbformat
 import pytest
+from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
-from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
 from course import launcher
+from course.check import load
 
-sys.path.insert(0, str(ROOT / "tools"))
-import make_notebooks  # noqa: E402
-
+make_notebooks = load(ROOT / "tools" / "make_notebooks.py")  # a script, not a package
 NOTEBOOKS = ROOT / "notebooks"
 
 
@@ -31,8 +30,10 @@ def role(cell):
 
 @pytest.mark.parametrize("path", LESSONS, ids=lesson_ids())
 def test_notebook_exists_and_is_current(path):
+    command = f"python tools/make_notebooks.py {path.stem[:2]}"
     assert not make_notebooks.stale(path), (
-        f"notebooks/{path.stem}.ipynb is missing or stale: python tools/make_notebooks.py {path.stem[:2]}")
+        f"notebooks/{path.stem}.ipynb is missing or stale: {command}"
+    )
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lesson_ids())
@@ -43,12 +44,14 @@ def test_notebook_never_forks_or_touches_cuda_in_the_kernel(path):
     assert "run_lesson(" in code
 
 
-@pytest.mark.parametrize("path", [p for p in LESSONS if make_notebooks.exercise_regions(p)],
-                         ids=lesson_ids())
+@pytest.mark.parametrize(
+    "path", [p for p in LESSONS if make_notebooks.exercise_regions(p)], ids=lesson_ids()
+)
 def test_solutions_pass_in_the_notebook(path):
     """Setup cell, every exercise cell replaced by its solution, every check cell: all PASS."""
-    solutions = {e: stub for e, stub, _ in make_notebooks.exercise_regions(
-        ROOT / "solutions" / path.name)}
+    solutions = {
+        e: stub for e, stub, _ in make_notebooks.exercise_regions(ROOT / "solutions" / path.name)
+    }
     nb = notebook(path)
     cells = []
     for cell in nb.cells:
@@ -57,8 +60,9 @@ def test_solutions_pass_in_the_notebook(path):
         if role(cell) in ("setup", "exercise", "check"):
             cells.append(cell)
     nb.cells = cells
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    ).execute()
     checks = [c for c in nb.cells if role(c) == "check"]
     assert checks
     for cell in checks:
@@ -69,18 +73,33 @@ def test_solutions_pass_in_the_notebook(path):
 def test_an_interrupted_cell_leaves_no_rank_behind():
     """nbval interrupts a cell that runs past --nbval-cell-timeout; the ranks must go too."""
     tag = f"COURSE_NOTEBOOK_TEST_{os.getpid()}"
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "from course.launcher import run_lesson\n"
-        f"run_lesson({str(PROGRAMS / 'hang.py')!r}, nproc=4, timeout=300, env={{{tag!r}: '1'}})")])
-    client = NotebookClient(nb, timeout=20, kernel_name="python3", interrupt_on_timeout=True,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "from course.launcher import run_lesson\n"
+                f"run_lesson({str(PROGRAMS / 'hang.py')!r}, nproc=4, timeout=300, "
+                f"env={{{tag!r}: '1'}})"
+            )
+        ]
+    )
+    client = NotebookClient(
+        nb,
+        timeout=20,
+        kernel_name="python3",
+        interrupt_on_timeout=True,
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
     seen = []  # the run's processes while the cell runs: torchrun and its 4 ranks
-    watcher = threading.Thread(target=lambda: [seen.append(len(launcher._pids_with(f"{tag}=1")))
-                                               or time.sleep(0.5) for _ in range(30)])
+    watcher = threading.Thread(
+        target=lambda: [
+            seen.append(len(launcher.processes_with(tag, "1"))) or time.sleep(0.5)
+            for _ in range(30)
+        ]
+    )
     watcher.start()
     with pytest.raises(Exception) as stopped:
         client.execute()
     watcher.join()
     assert max(seen) >= 5, "the ranks never started, so this test proved nothing"
     assert isinstance(stopped.value, CellTimeoutError) or "KeyboardInterrupt" in str(stopped.value)
-    assert not launcher._pids_with(f"{tag}=1")  # the interrupted run_lesson stopped them all
+    assert not launcher.processes_with(tag, "1")  # the interrupted run_lesson stopped them all

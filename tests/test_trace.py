@@ -1,18 +1,19 @@
 """--trace DIR: every rank recorded with torch.profiler, merged on rank 0 into one Chrome/Perfetto
 trace and a swimlane PNG. Real runs on gloo (a program with a known pattern of collectives and
 sends, and every lesson), plus the NCCL event formats, which this CPU machine cannot produce."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import LESSONS, lesson_ids, run_ranks, text
+
 from course import trace
 
 # A known pattern: 4 ranks, an all_reduce of 64 Ki floats, then a ring of sends on a pair group
 # whose group ranks differ from the global ranks (so the merge has to find the real peers).
-PROGRAM = '''
+PROGRAM = """
 import torch, torch.distributed as dist
 from course.ranks import parser, print0, setup
 args = parser("").parse_args()
@@ -31,7 +32,7 @@ with setup(args, trace=args.trace) as ctx:
             dist.recv(back, peer, group=mine)
             dist.send(out, peer, group=mine)
     print0("done")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,11 @@ def traced(tmp_path_factory):
 
 def test_rank0_merges_and_says_where(traced):
     result, out = traced
-    assert (f"[rank 0] trace: 4 ranks, 28 communication ops, 12 send->recv pairs; wrote "
-            f"{out / 'trace.json'} (open it in https://ui.perfetto.dev) and "
-            f"{out / 'timeline.png'}") in text(result)
+    assert (
+        f"[rank 0] trace: 4 ranks, 28 communication ops, 12 send->recv pairs; wrote "
+        f"{out / 'trace.json'} (open it in https://ui.perfetto.dev) and "
+        f"{out / 'timeline.png'}"
+    ) in text(result)
     for rank in range(4):
         assert (out / f"rank{rank}.json").is_file()  # each rank's full trace stays
     assert (out / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -63,8 +66,12 @@ def test_merged_trace_has_a_process_per_rank_and_only_the_communication(traced):
     for rank in range(4):
         mine = sorted(e["name"] for e in comm if e["pid"] == rank)
         peer = (rank + 2) % 4
-        assert mine == ["all_reduce 256 KiB"] + [f"recv <-{peer} 3.91 KiB"] * 3 + [
-            f"send ->{peer} 3.91 KiB"] * 3, mine
+        assert (
+            mine
+            == ["all_reduce 256 KiB"]
+            + [f"recv <-{peer} 3.91 KiB"] * 3
+            + [f"send ->{peer} 3.91 KiB"] * 3
+        ), mine
     notes = [e["pid"] for e in events if e.get("cat") == "annotation" and e["name"] == "my step"]
     assert sorted(notes) == [0, 1, 2, 3]
     assert not [e for e in events if e["name"].startswith("aten::")]  # filtered: small
@@ -79,23 +86,42 @@ def test_every_send_is_joined_to_the_recv_that_took_it(traced):
     ends = {e["id"]: e["pid"] for e in events if e["ph"] == "f"}
     assert starts.keys() == ends.keys() and len(starts) == 12
     assert sorted((starts[i], ends[i]) for i in starts) == sorted(
-        [(0, 2), (2, 0), (1, 3), (3, 1)] * 3)
+        [(0, 2), (2, 0), (1, 3), (3, 1)] * 3
+    )
 
 
 def test_merging_again_from_the_files_with_a_window(traced, tmp_path):
     _, out = traced
     png = tmp_path / "zoom.png"
-    done = subprocess.run([sys.executable, "-m", "course.trace", str(out), "--window", "0:5",
-                           "--png", str(png), "--title", "zoomed"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "course.trace",
+            str(out),
+            "--window",
+            "0:5",
+            "--png",
+            str(png),
+            "--title",
+            "zoomed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "4 ranks, 28 communication ops, 12 send->recv pairs" in done.stdout
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_merging_a_folder_without_traces_is_a_clear_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "course.trace", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "course.trace", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert f"no rank*.json in {tmp_path}: run a lesson with --trace {tmp_path} first" in done.stderr
 
@@ -112,8 +138,16 @@ def test_trace_works_on_every_lesson(path, tmp_path):
 
 
 def _event(name, cat, ts, dur, tid=1, **args):
-    return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur,
-            "args": args}
+    return {
+        "ph": "X",
+        "cat": cat,
+        "name": name,
+        "pid": 1,
+        "tid": tid,
+        "ts": ts,
+        "dur": dur,
+        "args": args,
+    }
 
 
 def test_nccl_kernels_become_ops_with_bytes_and_global_peers():
@@ -121,16 +155,50 @@ def test_nccl_kernels_become_ops_with_bytes_and_global_peers():
     or only an External id that leads to record_param_comms."""
     sync = _event(trace.SYNC, "user_annotation", 0, 10)
     events = [
-        sync, _event(trace.SYNC, "gpu_user_annotation", 0, 10, tid=7),
-        _event("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevComm*, unsigned long, ncclWork*)",
-               "kernel", 20, 5, tid=7, **{"Collective name": "allreduce", "In msg nelems": 1024,
-                                          "dtype": "BFloat16", "External id": 3}),
-        _event("record_param_comms", "cpu_op", 30, 1, **{"Collective name": "send",
-               "In msg nelems": 10, "dtype": "Float", "Dst Rank": 3, "External id": 9}),
-        _event("ncclDevKernel_SendRecv(ncclDevComm*, unsigned long, ncclWork*)", "kernel", 31, 2,
-               tid=20, **{"External id": 9}),
-        _event("ncclDevKernel_Broadcast_RING_LL(ncclDevComm*, unsigned long, ncclWork*)",
-               "kernel", 40, 2, tid=7, **{"External id": 11}),  # no metadata: name only
+        sync,
+        _event(trace.SYNC, "gpu_user_annotation", 0, 10, tid=7),
+        _event(
+            "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevComm*, unsigned long, ncclWork*)",
+            "kernel",
+            20,
+            5,
+            tid=7,
+            **{
+                "Collective name": "allreduce",
+                "In msg nelems": 1024,
+                "dtype": "BFloat16",
+                "External id": 3,
+            },
+        ),
+        _event(
+            "record_param_comms",
+            "cpu_op",
+            30,
+            1,
+            **{
+                "Collective name": "send",
+                "In msg nelems": 10,
+                "dtype": "Float",
+                "Dst Rank": 3,
+                "External id": 9,
+            },
+        ),
+        _event(
+            "ncclDevKernel_SendRecv(ncclDevComm*, unsigned long, ncclWork*)",
+            "kernel",
+            31,
+            2,
+            tid=20,
+            **{"External id": 9},
+        ),
+        _event(
+            "ncclDevKernel_Broadcast_RING_LL(ncclDevComm*, unsigned long, ncclWork*)",
+            "kernel",
+            40,
+            2,
+            tid=7,
+            **{"External id": 11},
+        ),  # no metadata: name only
         _event("volta_sgemm_128x64_nn", "kernel", 50, 30, tid=7),
     ]
     d = trace.digest({"traceEvents": events, "distributedInfo": {"rank": 1, "backend": "nccl"}})
@@ -142,10 +210,26 @@ def test_nccl_kernels_become_ops_with_bytes_and_global_peers():
 
 def test_ranks_on_another_host_are_aligned_on_the_start_barrier(tmp_path):
     def rank(r, host, sync):
-        op = {"op": "all_reduce", "bytes": 4, "start": sync + 100, "end": sync + 300, "peer": None,
-              "group_peer": None, "tid": 1, "args": {}}
-        return {"rank": r, "backend": "gloo", "groups": [[0, 1, 2]], "host": host, "sync": sync,
-                "ops": [op], "notes": [], "busy": []}
+        op = {
+            "op": "all_reduce",
+            "bytes": 4,
+            "start": sync + 100,
+            "end": sync + 300,
+            "peer": None,
+            "group_peer": None,
+            "tid": 1,
+            "args": {},
+        }
+        return {
+            "rank": r,
+            "backend": "gloo",
+            "groups": [[0, 1, 2]],
+            "host": host,
+            "sync": sync,
+            "ops": [op],
+            "notes": [],
+            "busy": [],
+        }
 
     digests = [rank(2, "b", 9000.0), rank(0, "a", 1000.0), rank(1, "a", 1500.0)]
     starts = {d["rank"]: d["ops"][0]["t"][0] for d in trace.align(digests)}
@@ -154,4 +238,7 @@ def test_ranks_on_another_host_are_aligned_on_the_start_barrier(tmp_path):
     events = json.loads((tmp_path / "trace.json").read_text())
     assert '"2": -8000.0' in events["otherData"]["clock"]
     assert sorted(e["ts"] for e in events["traceEvents"] if e.get("cat") == "communication") == [
-        100.0, 100.0, 600.0]  # us
+        100.0,
+        100.0,
+        600.0,
+    ]  # us

@@ -22,6 +22,7 @@ COURSE_BACKEND), each bounded by 30 s; into OUT, at most 7 files: nccl_<lesson>.
 nccl_02_trace.json, gpu_summary.txt (versions, exits, the event formats seen) and
 gpu_traces.tar.gz (everything, the per-rank traces too if it stays under 15 MiB).
 """
+
 import collections
 import json
 import os
@@ -34,11 +35,10 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from course import launcher, trace
+from lessons.broken import documented_runs
 
-from course import launcher, trace  # noqa: E402
-from lessons.broken import documented_runs  # noqa: E402
+ROOT = launcher.ROOT
 
 OUTPUTS, FIGURES = ROOT / "docs" / "outputs", ROOT / "docs" / "figures"
 GLOO = {"COURSE_BACKEND": "gloo"}
@@ -61,16 +61,22 @@ def capture_broken():
     for path in sorted((ROOT / "lessons" / "broken").glob("[a-z]*.py")):
         for i, (nproc, args) in enumerate(documented_runs(path), 1):
             name = f"broken_{path.stem}" + (f"_{i}" if i > 1 else "")
-            command = " ".join(["torchrun --nproc-per-node", str(nproc),
-                                f"lessons/broken/{path.name}", *args])
+            command = " ".join(
+                ["torchrun --nproc-per-node", str(nproc), f"lessons/broken/{path.name}", *args]
+            )
             save(name, command, launcher.launch(path, nproc, args, timeout=120, env=GLOO))
     deadlock = ROOT / "lessons" / "broken" / "send_send_deadlock.py"
-    save("broken_send_send_deadlock_stopped",
-         'python -c \'from course.launcher import run_lesson; run_lesson("lessons/broken/'
-         'send_send_deadlock.py", 2, ["--timeout", "600"], timeout=20)\'',
-         launcher.launch(deadlock, 2, ["--timeout", "600"], timeout=20, env=GLOO))
-    save("broken_odd_world_size", "torchrun --nproc-per-node 3 lessons/06_distill.py",
-         launcher.launch(ROOT / "lessons" / "06_distill.py", 3, timeout=120, env=GLOO))
+    save(
+        "broken_send_send_deadlock_stopped",
+        "python -c 'from course.launcher import run_lesson; run_lesson(\"lessons/broken/"
+        'send_send_deadlock.py", 2, ["--timeout", "600"], timeout=20)\'',
+        launcher.launch(deadlock, 2, ["--timeout", "600"], timeout=20, env=GLOO),
+    )
+    save(
+        "broken_odd_world_size",
+        "torchrun --nproc-per-node 3 lessons/06_distill.py",
+        launcher.launch(ROOT / "lessons" / "06_distill.py", 3, timeout=120, env=GLOO),
+    )
 
 
 def capture_troubles():
@@ -80,50 +86,91 @@ def capture_troubles():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         args = ["--init-method", f"tcp://127.0.0.1:{taken.getsockname()[1]}"]
-        save("trouble_port_in_use", f"torchrun --nproc-per-node 2 lessons/00_hello.py {' '.join(args)}",
-             launcher.launch(hello, 2, args, timeout=60, env=GLOO))
-    save("trouble_nccl_without_gpus", "torchrun --nproc-per-node 2 lessons/00_hello.py --backend nccl",
-         launcher.launch(hello, 2, ["--backend", "nccl"], timeout=60))
+        save(
+            "trouble_port_in_use",
+            f"torchrun --nproc-per-node 2 lessons/00_hello.py {' '.join(args)}",
+            launcher.launch(hello, 2, args, timeout=60, env=GLOO),
+        )
+    save(
+        "trouble_nccl_without_gpus",
+        "torchrun --nproc-per-node 2 lessons/00_hello.py --backend nccl",
+        launcher.launch(hello, 2, ["--backend", "nccl"], timeout=60),
+    )
 
 
 def span_of(op, pad=1.0):
     """A window (ms) from the first `op` on any rank to the end of the last one."""
+
     def pick(digests):
         mine = [o["t"] for d in digests for o in d["ops"] if o["op"] == op]
         return min(s for s, _ in mine) - pad, max(e for _, e in mine) + pad
+
     return pick
 
 
 def first_to_last(op, first, last, rank=0, pad=0.5):
     """A window (ms) from the start of rank's `first` op of a kind to the end of its `last`."""
+
     def pick(digests):
         mine = sorted((o for o in digests[rank]["ops"] if o["op"] == op), key=lambda o: o["t"][0])
         first_one, last_one = mine[max(first, -len(mine))], mine[min(last, len(mine) - 1)]
         return first_one["t"][0] - pad, last_one["t"][1] + pad
+
     return pick
 
 
 # name: (what to run: a lesson, or "check ID"; ranks; window picker or None; the title).
 # Overlap pictures use 2 ranks: on 2 shared cores, 4 ranks mostly show the OS's scheduling.
 TRACES = {
-    "02_p2p": ("02", 4, None, "lesson 02 on 4 gloo ranks: send/recv in pairs, the shape "
-               "handshake (header, then payload), isend/irecv, a ring of batch_isend_irecv"),
-    "02_ring_all_reduce": ("check 02.2", 4, span_of("send"),
-                           "exercise 02.2, the reference ring all-reduce on 4 gloo ranks: "
-                           "2 x 3 steps of isend/irecv round the ring"),
-    "05_overlap": ("05", 2, first_to_last("all_reduce", -24, -1, pad=1.0),
-                   "lesson 05 on 2 gloo ranks: an all_reduce per parameter, started from its "
-                   "hook while backward goes on (3 steps, 8 parameters)"),
-    "05_buckets": ("check 05.1", 2, span_of("all_reduce", pad=1.0),
-                   "exercise 05.1, the reference bucketed DDP on 2 gloo ranks: fewer, bigger "
-                   "all_reduces, still overlapping backward"),
-    "06_distill": ("06", 4, first_to_last("send", 4, 11, pad=1.0),
-                   "lesson 06 on 4 gloo ranks (students 0, 1; teachers 2, 3): 4 steps of ids "
-                   "out, probabilities back, the students' all_reduce"),
-    "09_naive": ("09", 4, None, "lesson 09 on 4 gloo ranks: the naive update (a request and a "
-                 "broadcast per tensor), then a timed 16 MiB broadcast"),
-    "09_fast": ("check 09.1", 4, None, "exercise 09.1, the reference fast update on 4 gloo "
-                "ranks: metadata once, then flat buckets back to back"),
+    "02_p2p": (
+        "02",
+        4,
+        None,
+        "lesson 02 on 4 gloo ranks: send/recv in pairs, the shape "
+        "handshake (header, then payload), isend/irecv, a ring of batch_isend_irecv",
+    ),
+    "02_ring_all_reduce": (
+        "check 02.2",
+        4,
+        span_of("send"),
+        "exercise 02.2, the reference ring all-reduce on 4 gloo ranks: "
+        "2 x 3 steps of isend/irecv round the ring",
+    ),
+    "05_overlap": (
+        "05",
+        2,
+        first_to_last("all_reduce", -24, -1, pad=1.0),
+        "lesson 05 on 2 gloo ranks: an all_reduce per parameter, started from its "
+        "hook while backward goes on (3 steps, 8 parameters)",
+    ),
+    "05_buckets": (
+        "check 05.1",
+        2,
+        span_of("all_reduce", pad=1.0),
+        "exercise 05.1, the reference bucketed DDP on 2 gloo ranks: fewer, bigger "
+        "all_reduces, still overlapping backward",
+    ),
+    "06_distill": (
+        "06",
+        4,
+        first_to_last("send", 4, 11, pad=1.0),
+        "lesson 06 on 4 gloo ranks (students 0, 1; teachers 2, 3): 4 steps of ids "
+        "out, probabilities back, the students' all_reduce",
+    ),
+    "09_naive": (
+        "09",
+        4,
+        None,
+        "lesson 09 on 4 gloo ranks: the naive update (a request and a "
+        "broadcast per tensor), then a timed 16 MiB broadcast",
+    ),
+    "09_fast": (
+        "check 09.1",
+        4,
+        None,
+        "exercise 09.1, the reference fast update on 4 gloo "
+        "ranks: metadata once, then flat buckets back to back",
+    ),
 }
 
 
@@ -135,11 +182,22 @@ def capture_traces(only=None):
         with tempfile.TemporaryDirectory() as folder:
             if what.startswith("check "):  # the check's ranks read --trace from COURSE_TRACE
                 result = launcher.run_command(
-                    [sys.executable, "-m", "lessons.check", what.split()[1], "--solution",
-                     "--nproc", str(nproc)], timeout=300, env={**GLOO, "COURSE_TRACE": folder})
+                    [
+                        sys.executable,
+                        "-m",
+                        "lessons.check",
+                        what.split()[1],
+                        "--solution",
+                        "--nproc",
+                        str(nproc),
+                    ],
+                    timeout=300,
+                    env={**GLOO, "COURSE_TRACE": folder},
+                )
             else:
-                result = launcher.launch(launcher.lesson_path(what), nproc, ["--trace", folder],
-                                         timeout=300, env=GLOO)
+                result = launcher.launch(
+                    launcher.lesson_path(what), nproc, ["--trace", folder], timeout=300, env=GLOO
+                )
             digests_file = Path(folder) / "digests.json"
             if result.returncode != 0 or not digests_file.is_file():
                 sys.exit(f"{name}: {what} failed or wrote no trace:\n" + "\n".join(result.lines))
@@ -151,8 +209,13 @@ def capture_traces(only=None):
 
 def capture_overhead():
     """Every run inside the benchmark is bounded by course.launcher, so no timeout here."""
-    done = subprocess.run([sys.executable, "benchmarks/trace_overhead.py"], cwd=ROOT, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/trace_overhead.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     text = "$ python benchmarks/trace_overhead.py\n" + done.stdout
     (OUTPUTS / "trace_overhead.txt").write_text(text)
     print(done.stdout)
@@ -165,14 +228,17 @@ def event_formats(rank_file):
     """What the profiler wrote, for checking the parser against a new torch: event counts by
     category and name, and one example of each kind of communication event's arguments."""
     events = json.loads(rank_file.read_text())["traceEvents"]
-    kinds = collections.Counter((e.get("cat"), re.split(r"[(_:]", e["name"])[0]) for e in events
-                                if e.get("ph") == "X")
+    kinds = collections.Counter(
+        (e.get("cat"), re.split(r"[(_:]", e["name"])[0]) for e in events if e.get("ph") == "X"
+    )
     lines = [f"  {n:6d} {cat} {name}" for (cat, name), n in kinds.most_common(25)]
     for probe in ("nccl", "record_param_comms", "gloo:", "c10d::"):
         found = next((e for e in events if probe in e["name"].lower() and e.get("args")), None)
         if found:
-            lines.append(f"  example {found.get('cat')} {found['name'][:60]}: "
-                         f"{json.dumps(found['args'])[:600]}")
+            lines.append(
+                f"  example {found.get('cat')} {found['name'][:60]}: "
+                f"{json.dumps(found['args'])[:600]}"
+            )
     return lines
 
 
@@ -182,8 +248,10 @@ def capture_gpu(out):
 
     out, backend = Path(out), os.environ.get("COURSE_BACKEND", "nccl")
     out.mkdir(parents=True, exist_ok=True)
-    summary = [f"torch {torch.__version__}, python {sys.version.split()[0]}, backend {backend}, "
-               f"GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}"]
+    summary = [
+        f"torch {torch.__version__}, python {sys.version.split()[0]}, backend {backend}, "
+        f"GPUs: {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}"
+    ]
     with tempfile.TemporaryDirectory() as work:
         for lesson in GPU_LESSONS:
             path = launcher.lesson_path(lesson)
@@ -191,25 +259,35 @@ def capture_gpu(out):
                 summary.append(f"{path.name}: skipped, it does not take --trace yet")
                 continue
             folder = Path(work) / path.stem
-            result = launcher.launch(path, 2, ["--trace", folder], timeout=30,
-                                     env={"COURSE_BACKEND": backend, "NCCL_NVLS_ENABLE": "0"})
+            result = launcher.launch(
+                path,
+                2,
+                ["--trace", folder],
+                timeout=30,
+                env={"COURSE_BACKEND": backend, "NCCL_NVLS_ENABLE": "0"},
+            )
             log = "\n".join(result.lines + result.stuck) + "\n"
             (Path(work) / f"{path.stem}.log").write_text(log)
             said = [line for line in result.lines if "] trace: " in line]
-            summary.append(f"{path.name}: exit {result.returncode} in {result.seconds:.1f} s; "
-                           f"{said[0] if said else 'no trace line (see its log)'}")
+            summary.append(
+                f"{path.name}: exit {result.returncode} in {result.seconds:.1f} s; "
+                f"{said[0] if said else 'no trace line (see its log)'}"
+            )
             if (folder / "timeline.png").is_file():
                 shutil.copy(folder / "timeline.png", out / f"nccl_{path.stem}.png")
             if lesson == "02" and (folder / "trace.json").is_file():
                 shutil.copy(folder / "trace.json", out / "nccl_02_trace.json")
             if (folder / "rank0.json").is_file():
-                summary += [f"{path.stem}/rank0.json, event formats:",
-                            *event_formats(folder / "rank0.json")]
+                summary += [
+                    f"{path.stem}/rank0.json, event formats:",
+                    *event_formats(folder / "rank0.json"),
+                ]
         (out / "gpu_summary.txt").write_text("\n".join(summary) + "\n")
-        for raw in (True, False):  # everything, or without the full per-rank traces if too big
+        per_rank = re.compile(r"rank\d+\.json$")  # the full per-rank traces: the big files
+        for raw in (True, False):  # everything, or without the per-rank traces if too big
             with tarfile.open(out / "gpu_traces.tar.gz", "w:gz") as tar:
-                tar.add(work, "gpu_traces", filter=lambda t: None if not raw and re.search(
-                    r"rank\d+\.json$", t.name) else t)
+                keep = lambda t, raw=raw: t if raw or not per_rank.search(t.name) else None
+                tar.add(work, "gpu_traces", filter=keep)
             if (out / "gpu_traces.tar.gz").stat().st_size < 15 * 2**20:
                 break
     print("\n".join(summary))

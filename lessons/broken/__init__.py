@@ -13,6 +13,7 @@ started on 3 ranks.) Each file's docstring says what is wrong, the command, what
 and the fix; docs/debugging.md shows every one's real output. Each runs first with --debug
 (TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout), which is how torch names most mistakes.
 """
+
 import contextlib
 import re
 
@@ -42,8 +43,10 @@ def same_on_every_rank(what, value):
     for rank, theirs in enumerate(everyone):
         versions.setdefault(repr(theirs), []).append(rank)
     if len(versions) > 1:
-        said = " but ".join(f"{shown} on rank{'s' * (len(who) > 1)} {', '.join(map(str, who))}"
-                            for shown, who in versions.items())
+        said = " but ".join(
+            f"{shown} on rank{'s' * (len(who) > 1)} {', '.join(map(str, who))}"
+            for shown, who in versions.items()
+        )
         raise RuntimeError(f"the ranks disagree on {what}: {said}")
 
 
@@ -51,5 +54,9 @@ def documented_runs(path):
     """The commands under "Run it" in a broken program's docstring, as (nproc, args): what the
     tests run and tools/capture_debug_outputs.py shows on the Debugging page."""
     doc = re.search(r'"""(.*?)"""', path.read_text(), re.S)[1]
-    return [(int(m[1]), m[2].split()) for m in re.finditer(
-        r"^\s*torchrun --nproc-per-node (\d+) lessons/broken/\w+\.py([^#\n]*)", doc, re.M)]
+    return [
+        (int(m[1]), m[2].split())
+        for m in re.finditer(
+            r"^\s*torchrun --nproc-per-node (\d+) lessons/broken/\w+\.py([^#\n]*)", doc, re.M
+        )
+    ]

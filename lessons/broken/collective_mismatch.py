@@ -21,6 +21,7 @@ The fix
     Every rank makes the same call: take the collective out of the `if`, and branch on the rank
     only for what differs (here: which tensor each rank contributes).
 """
+
 import torch
 import torch.distributed as dist
 
@@ -37,7 +38,7 @@ def main():
         else:
             dist.broadcast(x, src=0)  # ...while the others wait for rank 0's broadcast
         print_rank(f"x = {x.tolist()}")
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ The fix
     Create the groups from one list, built the same way on every rank:
     `pairs = [dist.new_group(ranks) for ranks in ([0, 1], [2, 3])]`. Lesson 01 shows the rule.
 """
+
 import torch
 import torch.distributed as dist
 
-from lessons.broken import explain, same_on_every_rank
 from course.ranks import parser, print_rank, setup
+from lessons.broken import explain, same_on_every_rank
 
 NEEDS = ("exactly 4 ranks", lambda n: n == 4)
 
@@ -37,15 +38,17 @@ def main():
         calls = [[0, 1], [2, 3]]
         if ctx.rank >= 2:
             calls.reverse()  # the mistake: ranks 2-3 create their own pair first
-        with explain("ranks 0-1 create [0, 1] then [2, 3], ranks 2-3 the other way round: "
-                     "the same group name would mean different groups"):
+        with explain(
+            "ranks 0-1 create [0, 1] then [2, 3], ranks 2-3 the other way round: "
+            "the same group name would mean different groups"
+        ):
             same_on_every_rank("the new_group calls, in order", calls)
         groups = {tuple(ranks): dist.new_group(ranks) for ranks in calls}
         mine = groups[(0, 1) if ctx.rank < 2 else (2, 3)]
         x = torch.full((2,), float(ctx.rank + 1), device=ctx.device)
         dist.all_reduce(x, group=mine)
         print_rank(f"sum over my pair: {x.tolist()}")
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

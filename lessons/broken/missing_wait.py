@@ -21,13 +21,14 @@ The fix
     that does not touch x ..., `request.wait()`, then `x.zero_()`. (Dropping the request
     without any wait() is worse: under --debug the message was never delivered at all.)
 """
+
 import time
 
 import torch
 import torch.distributed as dist
 
-from lessons.broken import explain
 from course.ranks import parser, print0, setup
+from lessons.broken import explain
 
 BUSY_S = 0.5  # rank 1 is busy this long before it posts its recv
 VALUE = 7.0  # what rank 0 sends
@@ -47,13 +48,16 @@ def main():
             received = torch.empty(4, device=ctx.device)
             dist.recv(received, src=0)
             expected = [VALUE] * 4  # the single-process answer: what rank 0 put in the tensor
-            with explain("rank 0 zeroed its tensor after isend() without waiting on the "
-                         "request, so the send read the zeros"):
+            with explain(
+                "rank 0 zeroed its tensor after isend() without waiting on the "
+                "request, so the send read the zeros"
+            ):
                 assert received.tolist() == expected, (
-                    f"rank 1: received {received.tolist()} from rank 0, which sent {expected}")
+                    f"rank 1: received {received.tolist()} from rank 0, which sent {expected}"
+                )
         dist.barrier()
         print0("checked: rank 1 received what rank 0 sent")
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ The fix
     Every rank creates both pairs, in the same order, and keeps the one it is in:
     `pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]; mine = pairs[rank // 2]`.
 """
+
 import torch
 import torch.distributed as dist
 
-from lessons.broken import explain, same_on_every_rank
 from course.ranks import EVEN, parser, print_rank, setup
+from lessons.broken import explain, same_on_every_rank
 
 NEEDS = EVEN  # ranks pair up: [0, 1], [2, 3], ...
 
@@ -37,14 +38,16 @@ def main():
     with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         first = ctx.rank - ctx.rank % 2
         calls = [[first, first + 1]]  # the mistake: each rank creates only the pair it is in
-        with explain("each pair called new_group for its own pair only, so both pairs would "
-                     "get the same name and meet the wrong partners"):
+        with explain(
+            "each pair called new_group for its own pair only, so both pairs would "
+            "get the same name and meet the wrong partners"
+        ):
             same_on_every_rank("the new_group calls, in order", calls)
         pair = dist.new_group(calls[0])
         x = torch.full((2,), float(ctx.rank + 1), device=ctx.device)
         dist.all_reduce(x, group=pair)
         print_rank(f"sum over my pair: {x.tolist()}")
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ The fix
     Send the shape first, in a fixed-size header the receiver can always allocate, then the
     tensor (lesson 02's shape handshake), or use send_object_list for small things.
 """
+
 import faulthandler
 
 import torch
@@ -42,7 +43,7 @@ def main():
             dist.recv(batch, src=0)
             print_rank(f"received {batch.tolist()}")
         dist.barrier()
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

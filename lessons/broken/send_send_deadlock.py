@@ -21,11 +21,12 @@ The fix
     receive then send. Or post both at once with isend/irecv (or batch_isend_irecv) and wait
     on both.
 """
+
 import torch
 import torch.distributed as dist
 
-from lessons.broken import explain
 from course.ranks import AT_LEAST_2, parser, print_rank, setup
+from lessons.broken import explain
 
 NEEDS = AT_LEAST_2
 
@@ -37,12 +38,14 @@ def main():
         right, left = (ctx.rank + 1) % ctx.world_size, (ctx.rank - 1) % ctx.world_size
         mine = torch.full((4,), float(ctx.rank), device=ctx.device)
         theirs = torch.empty(4, device=ctx.device)
-        with explain("every rank is in send() to its right-hand neighbour, and none has "
-                     "reached recv(): each send waits for a recv that never comes"):
+        with explain(
+            "every rank is in send() to its right-hand neighbour, and none has "
+            "reached recv(): each send waits for a recv that never comes"
+        ):
             dist.send(mine, right)  # the mistake: everybody sends first...
             dist.recv(theirs, left)  # ...so nobody gets here
         print_rank(f"received {theirs.tolist()} from rank {left}")
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ The fix
     Make every rank contribute the same shape: pad the short tensor, or agree on the size first
     (all_reduce the sizes with MAX), as lesson 02's shape handshake does for send and recv.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -39,9 +40,10 @@ def main():
         expected = torch.full((size,), ctx.world_size * (ctx.world_size + 1) / 2)  # 1+2+...+N
         assert torch.equal(grad.cpu(), expected), (
             f"rank {ctx.rank}: all_reduce gave {grad.tolist()}, the single-process sum is "
-            f"{expected.tolist()}")
+            f"{expected.tolist()}"
+        )
         print0(f"checked: all_reduce of rank+1 gives {expected.tolist()} on every rank")
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

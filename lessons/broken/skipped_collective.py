@@ -21,13 +21,14 @@ The fix
     DistributedSampler(drop_last=True) does) or pad the short shards; or agree on the number of
     steps first (all_reduce the batch counts with MIN).
 """
+
 import time
 
 import torch
 import torch.distributed as dist
 
-from lessons.broken import explain
 from course.ranks import parser, print_rank, setup
+from lessons.broken import explain
 
 BATCHES = 3  # batches per rank, and one fewer on the last rank
 EVALUATION_S = 30  # the last rank evaluates this long: far past the others' timeout
@@ -39,15 +40,17 @@ def main():
     with setup(args, relaunch=True, trace=args.trace) as ctx:
         last = ctx.world_size - 1
         batches = BATCHES - 1 if ctx.rank == last else BATCHES  # the mistake: uneven shards
-        for step in range(batches):
+        for _ in range(batches):
             grad = torch.full((4,), float(ctx.rank), device=ctx.device)
-            with explain(f"rank {last} had {BATCHES - 1} batches, the others {BATCHES}: it "
-                         f"skipped the all_reduce of step {BATCHES - 1} and never came back"):
+            with explain(
+                f"rank {last} had {BATCHES - 1} batches, the others {BATCHES}: it "
+                f"skipped the all_reduce of step {BATCHES - 1} and never came back"
+            ):
                 dist.all_reduce(grad)
         print_rank(f"trained on {batches} batches; evaluating")
         time.sleep(EVALUATION_S)  # stands for an evaluation with no collective in it
         dist.barrier()
-# --8<-- [end:main]
+    # --8<-- [end:main]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Test program: rank 2 never joins the all_reduce the others wait in (it sleeps instead)."""
+
 import time
 
 import torch

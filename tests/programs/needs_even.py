@@ -1,4 +1,5 @@
 """Test program: a lesson that needs an even world size (like lesson 06)."""
+
 from course.ranks import EVEN, parser, print0, setup
 
 args = parser(__doc__).parse_args()

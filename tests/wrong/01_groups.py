@@ -1,4 +1,5 @@
 """Plausible wrong answers to lesson 01's exercises: each check must catch them."""
+
 import torch.distributed as dist
 
 

@@ -1,4 +1,5 @@
 """Plausible wrong answers to lesson 02's exercises: each check must catch them."""
+
 import torch
 import torch.distributed as dist
 
@@ -8,7 +9,7 @@ def send_tensor(tensor, dst, group=None):
     # raises, the receiver is left waiting), and a tensor that is not contiguous is sent as is.
     header = torch.zeros(len(HEADER), dtype=torch.int64)
     header[:3] = torch.tensor([TENSOR, DTYPES.index(tensor.dtype), tensor.dim()])
-    header[3:3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
     dist.send(header.to(tensor.device), dst, group)
     dist.send(tensor, dst, group)
 
@@ -35,8 +36,9 @@ def ring_all_reduce(x):
         mine = chunks[(rank - s - 1) % world_size]
         incoming = torch.empty_like(mine)
         send = chunks[(rank - s) % world_size]
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, right),
-                                        dist.P2POp(dist.irecv, incoming, left)])
+        works = dist.batch_isend_irecv(
+            [dist.P2POp(dist.isend, send, right), dist.P2POp(dist.irecv, incoming, left)]
+        )
         for work in works:
             work.wait()
         mine += incoming

@@ -1,4 +1,5 @@
 """Plausible wrong answers to lesson 04's exercises: each check must catch them."""
+
 import torch
 import torch.distributed as dist
 

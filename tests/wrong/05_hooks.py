@@ -1,4 +1,5 @@
 """Plausible wrong answers to lesson 05's exercises: each check must catch them."""
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +27,7 @@ def bucketed_ddp(model, bucket_bytes, log):
     grad_accs = []
     for i, bucket in enumerate(buckets):
         for name, p in bucket:
+
             def hook(*_, i=i, name=name):
                 log("hook", name)
                 arrived[i] += 1

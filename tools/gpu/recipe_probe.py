@@ -8,6 +8,7 @@ warm-up steps). `student`: the size's teacher is pretrained once with its recipe
 student distils from it (what the teacher sends: full, topk or hidden; top-k with k = 64) at
 each learning rate, as rpc_demo's single-process reference does. Prints the loss along the way.
 """
+
 import sys
 import time
 
@@ -33,14 +34,20 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = MarkovData(vocab, seq)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{part} {size}: vocab {vocab} seq {seq} batch {batch} steps {steps} {extra}; the "
-          f"data's entropy {data.entropy():.2f}; {where}", flush=True)
+    print(
+        f"{part} {size}: vocab {vocab} seq {seq} batch {batch} steps {steps} {extra}; the "
+        f"data's entropy {data.entropy():.2f}; {where}",
+        flush=True,
+    )
     if part == "student":
         start = time.perf_counter()
         teacher = make_teacher(size, vocab, seq).to(device)
         losses = pretrain(teacher, data, size, RECIPES[size].teacher_steps, batch, device)
-        print(f"teacher: {RECIPES[size].teacher_steps} steps, {losses[0]:.2f} -> {losses[-1]:.2f} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        print(
+            f"teacher: {RECIPES[size].teacher_steps} steps, {losses[0]:.2f} -> {losses[-1]:.2f} "
+            f"({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
         teacher = teacher.to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
         batches = [data.batch(step, 0, batch).to(device) for step in range(steps)]
         for lr in lrs:
@@ -60,10 +67,21 @@ def main():
     warmup = int(extra)
     for lr in lrs:
         start = time.perf_counter()
-        losses = pretrain(make_teacher(size, vocab, seq).to(device), data, size, steps, batch,
-                          device, lr=lr, warmup=warmup)
-        print(f"teacher lr {lr:g} warm-up {warmup}: {curve(losses)} "
-              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        losses = pretrain(
+            make_teacher(size, vocab, seq).to(device),
+            data,
+            size,
+            steps,
+            batch,
+            device,
+            lr=lr,
+            warmup=warmup,
+        )
+        print(
+            f"teacher lr {lr:g} warm-up {warmup}: {curve(losses)} "
+            f"({time.perf_counter() - start:.1f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ B  two forked processes, a student on GPU 0 and a teacher on GPU 1 (both on GPU 
    run by the student on its own copy of the teacher (bitwise on identical GPUs).
 C  is one GPU's training reproducible? rpc_demo's single-process reference, twice, same seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,11 +92,13 @@ def part_a(device, modes):
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 teacher_message(mode, model, ids, TOPK)
+
         return call
 
     for deterministic in (False, True):
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         for mode in modes:
+
             def plain(i, mode=mode):
                 teacher_message(mode, model, ids, TOPK)
 
@@ -108,19 +111,28 @@ def part_a(device, modes):
                 return timed(on_pool(mode))
 
             before = segments(device)
-            rows = {"main thread": timed(plain),
-                    "main thread, next pool stream each call": timed(on_pool(mode)),
-                    "python thread": in_thread(on_thread),
-                    "python thread, next pool stream each call": in_thread(on_thread_pool)}
+            rows = {
+                "main thread": timed(plain),
+                "main thread, next pool stream each call": timed(on_pool(mode)),
+                "python thread": in_thread(on_thread),
+                "python thread, next pool stream each call": in_thread(on_thread_pool),
+            }
             for what, (median, worst) in rows.items():
-                print(f"A det={deterministic!s:5} {mode:4} {what:42} median {median:7.2f} ms"
-                      f"  max {worst:7.2f} ms", flush=True)
-            print(f"A det={deterministic!s:5} {mode:4} cudaMalloc calls over these "
-                  f"{4 * (WARMUP + REPEATS)} forwards: {segments(device) - before}", flush=True)
+                print(
+                    f"A det={deterministic!s:5} {mode:4} {what:42} median {median:7.2f} ms"
+                    f"  max {worst:7.2f} ms",
+                    flush=True,
+                )
+            print(
+                f"A det={deterministic!s:5} {mode:4} cudaMalloc calls over these "
+                f"{4 * (WARMUP + REPEATS)} forwards: {segments(device) - before}",
+                flush=True,
+            )
     torch.use_deterministic_algorithms(False)
 
 
 # ---- part B: the teacher's three ways to answer --------------------------------------------
+
 
 def forward(mode, ids):
     """The teacher's forward, timed; returns (ms, stream id, thread id, new segments, message)."""
@@ -130,8 +142,13 @@ def forward(mode, ids):
     message = teacher_message(mode, MODEL, ids, TOPK)
     torch.cuda.synchronize()
     ms = 1e3 * (time.perf_counter() - start)
-    return (ms, torch.cuda.current_stream().stream_id, threading.get_ident(),
-            segments(DEVICE) - before, message)
+    return (
+        ms,
+        torch.cuda.current_stream().stream_id,
+        threading.get_ident(),
+        segments(DEVICE) - before,
+        message,
+    )
 
 
 def rpc_thread(mode, ids):
@@ -167,6 +184,7 @@ def main_thread(mode, ids):
         torch.cuda.current_stream(DEVICE).wait_event(arrived)
         ids.record_stream(torch.cuda.current_stream(DEVICE))
         return forward(mode, ids)
+
     JOBS.put((job, future.set_result))
     return future
 
@@ -181,8 +199,14 @@ def student(modes, deterministic):
         expected = [teacher_message(mode, copy, ids, TOPK) for ids in batches]
         for name, fn in VARIANTS.items():
             rows, trips, worst = [], [], 0.0
-            ask = lambda i: (time.perf_counter(), i,  # noqa: E731
-                             rpc.rpc_async("teacher", fn, args=(mode, batches[i % BATCHES])))
+
+            def ask(i, fn=fn, mode=mode):  # a call now: when, which batch, the future
+                return (
+                    time.perf_counter(),
+                    i,
+                    rpc.rpc_async("teacher", fn, args=(mode, batches[i % BATCHES])),
+                )
+
             pending = [ask(0), ask(1)]  # two in flight, as rpc_demo's pipelined step has
             for i in range(CALLS):
                 asked, index, future = pending.pop(0)
@@ -196,25 +220,36 @@ def student(modes, deterministic):
                     worst = max(worst, (got.float() - want.float()).abs().max().item())
             first, last = rows[:16], rows[-16:]
             med = lambda part, k: statistics.median(r[k] for r in part)  # noqa: E731
-            print(f"B det={deterministic!s:5} {mode:4} {name:11} forward ms: calls 1-16 "
-                  f"{med(first, 0):7.2f}, {CALLS - 15}-{CALLS} {med(last, 0):7.2f}; round trip "
-                  f"{statistics.median(trips[-16:]):7.2f}; cudaMalloc/call {med(first, 3):g} "
-                  f"then {med(last, 3):g}; {len({r[1] for r in rows})} streams, "
-                  f"{len({r[2] for r in rows})} threads; answers vs the student's own forward: "
-                  f"largest difference {worst:.1e}", flush=True)
+            print(
+                f"B det={deterministic!s:5} {mode:4} {name:11} forward ms: calls 1-16 "
+                f"{med(first, 0):7.2f}, {CALLS - 15}-{CALLS} {med(last, 0):7.2f}; round trip "
+                f"{statistics.median(trips[-16:]):7.2f}; cudaMalloc/call {med(first, 3):g} "
+                f"then {med(last, 3):g}; {len({r[1] for r in rows})} streams, "
+                f"{len({r[2] for r in rows})} threads; answers vs the student's own forward: "
+                f"largest difference {worst:.1e}",
+                flush=True,
+            )
         main_ms = rpc.rpc_sync("teacher", teacher_main, args=(mode,))
-        print(f"B det={deterministic!s:5} {mode:4} teacher's main thread, called directly: "
-              f"median {main_ms[0]:7.2f} ms, max {main_ms[1]:7.2f} ms", flush=True)
+        print(
+            f"B det={deterministic!s:5} {mode:4} teacher's main thread, called directly: "
+            f"median {main_ms[0]:7.2f} ms, max {main_ms[1]:7.2f} ms",
+            flush=True,
+        )
     profile = rpc.rpc_sync("teacher", profiled, args=(modes[-1], batches[0]))
-    print(f"B det={deterministic!s:5} one rpc-thread forward under torch.profiler "
-          f"({modes[-1]}):\n{profile}", flush=True)
+    print(
+        f"B det={deterministic!s:5} one rpc-thread forward under torch.profiler "
+        f"({modes[-1]}):\n{profile}",
+        flush=True,
+    )
 
 
 def teacher_main(mode):
     """Ask the teacher's main thread to time its forward on its own (no RPC in the way)."""
+
     def job():
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), device=DEVICE)
         return timed(lambda i: teacher_message(mode, MODEL, ids, TOPK))
+
     box, done = {}, threading.Event()
     JOBS.put((job, lambda r: (box.setdefault("r", r), done.set())))
     done.wait()
@@ -223,8 +258,11 @@ def teacher_main(mode):
 
 def profiled(mode, ids):
     from torch.profiler import ProfilerActivity, profile
-    with torch.cuda.device(DEVICE), profile(activities=[ProfilerActivity.CPU,
-                                                        ProfilerActivity.CUDA]) as prof:
+
+    with (
+        torch.cuda.device(DEVICE),
+        profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+    ):
         teacher_message(mode, MODEL, ids, TOPK)
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cpu_time_total", row_limit=16)
@@ -240,14 +278,16 @@ def process(rank, student_gpu, teacher_gpu, modes, deterministic):
     DEVICE = torch.device("cuda", teacher_gpu if rank else student_gpu)
     torch.cuda.set_device(DEVICE)
     maps = None if rank else {"teacher": {DEVICE: torch.device("cuda", teacher_gpu)}}
-    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{PORT + deterministic}",
-                                              rpc_timeout=120, device_maps=maps)
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://127.0.0.1:{PORT + deterministic}", rpc_timeout=120, device_maps=maps
+    )
     if rank:
         MODEL, OWN_STREAM = build(DEVICE), torch.cuda.Stream(DEVICE)
 
     def join_and_work():
-        rpc.init_rpc(["student", "teacher"][rank], rank=rank, world_size=2,
-                     rpc_backend_options=options)
+        rpc.init_rpc(
+            ["student", "teacher"][rank], rank=rank, world_size=2, rpc_backend_options=options
+        )
         if rank == 0:
             student(modes, deterministic)
         rpc.shutdown()
@@ -269,16 +309,29 @@ def process(rank, student_gpu, teacher_gpu, modes, deterministic):
 
 def part_c(device, modes, steps=16):
     from rpc_demo.student import reference_training
+
     torch.cuda.set_device(device)
     torch.use_deterministic_algorithms(True, warn_only=True)
     for mode in modes:
-        args = Namespace(size=SIZE, vocab=VOCAB, seq=SEQ, batch=BATCH, teacher_steps=0, lr=1e-2,
-                         steps=steps, transfer=mode, topk=TOPK)
+        args = Namespace(
+            size=SIZE,
+            vocab=VOCAB,
+            seq=SEQ,
+            batch=BATCH,
+            teacher_steps=0,
+            lr=1e-2,
+            steps=steps,
+            transfer=mode,
+            topk=TOPK,
+        )
         autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
         runs = [reference_training(args, 1, device, autocast)[0] for _ in range(2)]
         worst = max(abs(a - b) / abs(b) for a, b in zip(*runs))
-        print(f"C {mode:4} the same training twice on one GPU: largest relative loss difference "
-              f"{worst:.1e}; losses {runs[0][0]:.4f} -> {runs[0][-1]:.4f}", flush=True)
+        print(
+            f"C {mode:4} the same training twice on one GPU: largest relative loss difference "
+            f"{worst:.1e}; losses {runs[0][0]:.4f} -> {runs[0][-1]:.4f}",
+            flush=True,
+        )
     torch.use_deterministic_algorithms(False)
 
 
@@ -293,8 +346,13 @@ def main():
     print(f"torch {torch.__version__}, {gpus} GPUs", flush=True)
     if "b" in args.part:  # first: the children are forked, so CUDA must not be initialised yet
         for deterministic in (False, True):
-            context = mp.start_processes(process, args=(0, min(1, gpus - 1), modes, deterministic),
-                                         nprocs=2, start_method="fork", join=False)
+            context = mp.start_processes(
+                process,
+                args=(0, min(1, gpus - 1), modes, deterministic),
+                nprocs=2,
+                start_method="fork",
+                join=False,
+            )
             try:  # a failure here must not cost parts A and C
                 while not context.join(timeout=600):
                     pass
