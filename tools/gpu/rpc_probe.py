@@ -30,7 +30,6 @@ import queue
 import statistics
 import threading
 import time
-from argparse import Namespace
 
 import torch
 import torch.distributed.rpc as rpc
@@ -308,24 +307,15 @@ def process(rank, student_gpu, teacher_gpu, modes, deterministic):
 
 
 def part_c(device, modes, steps=16):
-    from rpc_demo.student import reference_training
+    from distill_demo.reference import train_reference
+    from distill_demo.train import Config
 
     torch.cuda.set_device(device)
     torch.use_deterministic_algorithms(True, warn_only=True)
     for mode in modes:
-        args = Namespace(
-            size=SIZE,
-            vocab=VOCAB,
-            seq=SEQ,
-            batch=BATCH,
-            teacher_steps=0,
-            lr=1e-2,
-            steps=steps,
-            transfer=mode,
-            topk=TOPK,
-        )
-        autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-        runs = [reference_training(args, 1, device, autocast)[0] for _ in range(2)]
+        # lr 1e-2, no teacher pretraining; Config.autocast() is bf16 on the GPU, as before
+        cfg = Config(SIZE, VOCAB, SEQ, BATCH, 1e-2, TOPK, 0, torch.device(device))
+        runs = [train_reference(cfg, mode, 1, steps)[0] for _ in range(2)]
         worst = max(abs(a - b) / abs(b) for a, b in zip(*runs))
         print(
             f"C {mode:4} the same training twice on one GPU: largest relative loss difference "
