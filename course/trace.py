@@ -18,6 +18,7 @@ Ranks on one host read one clock, so their timestamps are used as they are; a ra
 host is shifted so that its exit from that barrier lines up with rank 0's (ranks leave a
 barrier within about one network latency of each other).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,18 +35,54 @@ import torch.distributed as dist
 
 SYNC = "trace: clock sync"  # the annotation around the barrier that starts every recording
 # Bytes per element, by the dtype names gloo ("float", "c10::BFloat16") and NCCL ("BFloat16") use.
-ITEMSIZE = {"float": 4, "double": 8, "half": 2, "bfloat16": 2, "long": 8, "longint": 8, "int": 4,
-            "short": 2, "shortint": 2, "char": 1, "signedchar": 1, "byte": 1, "unsignedchar": 1,
-            "bool": 1, "float8e4m3fn": 1, "float8e5m2": 1}
+ITEMSIZE = {
+    "float": 4,
+    "double": 8,
+    "half": 2,
+    "bfloat16": 2,
+    "long": 8,
+    "longint": 8,
+    "int": 4,
+    "short": 2,
+    "shortint": 2,
+    "char": 1,
+    "signedchar": 1,
+    "byte": 1,
+    "unsignedchar": 1,
+    "bool": 1,
+    "float8e4m3fn": 1,
+    "float8e5m2": 1,
+}
 # Canonical op names, keyed by the name with everything but letters dropped (AllReduce, allreduce_).
-OPS = {"allreduce": "all_reduce", "allgather": "all_gather", "reducescatter": "reduce_scatter",
-       "alltoall": "all_to_all", "recvanysource": "recv", "sendrecv": "send_recv", "broadcast":
-       "broadcast", "reduce": "reduce", "gather": "gather", "scatter": "scatter", "barrier":
-       "barrier", "send": "send", "recv": "recv"}
-COLORS = {"all_reduce": "#4c78a8", "broadcast": "#f58518", "all_gather": "#54a24b",
-          "reduce_scatter": "#b279a2", "all_to_all": "#9d755d", "send": "#e45756",
-          "recv": "#ff9da6", "send_recv": "#e45756", "barrier": "#bab0ac", "gather": "#eeca3b",
-          "scatter": "#72b7b2", "reduce": "#79706e"}
+OPS = {
+    "allreduce": "all_reduce",
+    "allgather": "all_gather",
+    "reducescatter": "reduce_scatter",
+    "alltoall": "all_to_all",
+    "recvanysource": "recv",
+    "sendrecv": "send_recv",
+    "broadcast": "broadcast",
+    "reduce": "reduce",
+    "gather": "gather",
+    "scatter": "scatter",
+    "barrier": "barrier",
+    "send": "send",
+    "recv": "recv",
+}
+COLORS = {
+    "all_reduce": "#4c78a8",
+    "broadcast": "#f58518",
+    "all_gather": "#54a24b",
+    "reduce_scatter": "#b279a2",
+    "all_to_all": "#9d755d",
+    "send": "#e45756",
+    "recv": "#ff9da6",
+    "send_recv": "#e45756",
+    "barrier": "#bab0ac",
+    "gather": "#eeca3b",
+    "scatter": "#72b7b2",
+    "reduce": "#79706e",
+}
 BUSY = "busy: CPU ops (gloo) or GPU kernels (NCCL)"  # the timeline's legend for the grey spans
 NOTE = "record_function annotation"
 
@@ -109,32 +146,53 @@ def digest(trace: dict, groups: list[list[int]] | None = None) -> dict:
     comms = [e for e in events if e.get("name") == "record_param_comms"]
     params = {e["args"].get("External id"): e["args"] for e in comms}  # NCCL metadata, by op id
     kernels = [e for e in events if e.get("cat") == "kernel"]
-    ops = [_op(e, e["args"], e["name"][5:], calls)
-           for e in events if e["name"].startswith("gloo:")]  # gloo: the work, as gloo did it
+    ops = [
+        _op(e, e["args"], e["name"][5:], calls) for e in events if e["name"].startswith("gloo:")
+    ]  # gloo: the work, as gloo did it
     nccl = [e for e in kernels if "nccl" in e["name"].lower()]  # NCCL: the kernels, on the GPU
-    ops += [_op(e, {**params.get(e["args"].get("External id"), {}), **e["args"]}, e["name"])
-            for e in nccl]
+    ops += [
+        _op(e, {**params.get(e["args"].get("External id"), {}), **e["args"]}, e["name"])
+        for e in nccl
+    ]
     if not ops:  # no backend ranges and no kernels: fall back on the CPU-side metadata
         ops = [_op(e, e["args"], "") for e in comms if e["args"].get("Collective name") != "wait"]
     busy = [e for e in kernels if e not in nccl] or [
-        e for e in events if e.get("cat") == "cpu_op" and e["tid"] == main_tid
-        and not e["name"].startswith(("c10d::", "record_param_comms"))]
-    notes = [e for e in events if e.get("cat") == "user_annotation" and e["name"] != SYNC
-             and not e["name"].startswith(("gloo:", "nccl:", "##"))]
+        e
+        for e in events
+        if e.get("cat") == "cpu_op"
+        and e["tid"] == main_tid
+        and not e["name"].startswith(("c10d::", "record_param_comms"))
+    ]
+    notes = [
+        e
+        for e in events
+        if e.get("cat") == "user_annotation"
+        and e["name"] != SYNC
+        and not e["name"].startswith(("gloo:", "nccl:", "##"))
+    ]
     start = sync[0]["end"] if sync else min(e["start"] for e in events)
-    return {"rank": info.get("rank", 0), "backend": info.get("backend", "?"),
-            "groups": groups or [g["ranks"] for g in info.get("pg_config", []) if "ranks" in g],
-            "host": trace.get("host_name") or socket.gethostname(), "sync": start,
-            "ops": [op for op in ops if op and op["end"] > start],  # not the start barrier's
-            "notes": [(e["name"], e["start"], e["end"], e["tid"]) for e in notes],
-            "busy": _union((e["start"], e["end"]) for e in busy)}
+    return {
+        "rank": info.get("rank", 0),
+        "backend": info.get("backend", "?"),
+        "groups": groups or [g["ranks"] for g in info.get("pg_config", []) if "ranks" in g],
+        "host": trace.get("host_name") or socket.gethostname(),
+        "sync": start,
+        "ops": [op for op in ops if op and op["end"] > start],  # not the start barrier's
+        "notes": [(e["name"], e["start"], e["end"], e["tid"]) for e in notes],
+        "busy": _union((e["start"], e["end"]) for e in busy),
+    }
 
 
 def _op(event: dict, args: dict, name: str, calls: Iterable[dict] = ()) -> dict | None:
     """A communication op from a profiler event: name, bytes of this rank's input, peer."""
     name = args.get("Collective name") or re.sub(r"^nccl(Dev)?Kernel_([A-Za-z]+).*", r"\2", name)
-    op = OPS.get(re.sub(r"[^a-z]", "", name.lower()).replace("base", "").replace("coalesced", "")
-                 .replace("intotensor", "").replace("tensor", ""))
+    op = OPS.get(
+        re.sub(r"[^a-z]", "", name.lower())
+        .replace("base", "")
+        .replace("coalesced", "")
+        .replace("intotensor", "")
+        .replace("tensor", "")
+    )
     if op is None:
         return None
     if "In msg nelems" in args:  # NCCL's metadata: element count and dtype name
@@ -147,13 +205,23 @@ def _op(event: dict, args: dict, name: str, calls: Iterable[dict] = ()) -> dict 
     if peer is None and op in ("send", "recv"):
         # gloo's p2p range starts inside the c10d op that names the peer, as its rank in the
         # group the op ran on (which the trace does not say): resolve_peers() finds the rank.
-        call = [e for e in calls
-                if e["tid"] == event["tid"] and e["start"] <= event["start"] <= e["end"]]
+        call = [
+            e
+            for e in calls
+            if e["tid"] == event["tid"] and e["start"] <= event["start"] <= e["end"]
+        ]
         with contextlib.suppress(IndexError, KeyError, ValueError):
             group_peer = int(call[0]["args"]["Concrete Inputs"][2])
-    return {"op": op, "bytes": nbytes or None, "start": event["start"], "end": event["end"],
-            "peer": None if peer is None else int(peer), "group_peer": group_peer,
-            "tid": event["tid"], "args": {k: v for k, v in args.items() if k != "External id"}}
+    return {
+        "op": op,
+        "bytes": nbytes or None,
+        "start": event["start"],
+        "end": event["end"],
+        "peer": None if peer is None else int(peer),
+        "group_peer": group_peer,
+        "tid": event["tid"],
+        "args": {k: v for k, v in args.items() if k != "External id"},
+    }
 
 
 def _itemsize(dtype: str) -> int:
@@ -198,11 +266,18 @@ def resolve_peers(digests: list[dict]) -> None:
                 found = candidates(d["rank"], op["group_peer"])
                 if len(found) > 1:
                     mirror = "recv" if op["op"] == "send" else "send"
-                    found = [max(found, key=lambda b: sum(
-                        o["op"] == mirror and o["bytes"] == op["bytes"]
-                        and o["group_peer"] is not None
-                        and d["rank"] in candidates(b, o["group_peer"])
-                        for o in by_rank[b]["ops"]))]
+                    found = [
+                        max(
+                            found,
+                            key=lambda b: sum(
+                                o["op"] == mirror
+                                and o["bytes"] == op["bytes"]
+                                and o["group_peer"] is not None
+                                and d["rank"] in candidates(b, o["group_peer"])
+                                for o in by_rank[b]["ops"]
+                            ),
+                        )
+                    ]
                 op["peer"] = next(iter(found), None)
 
 
@@ -229,26 +304,40 @@ def align(digests: list[dict]) -> list[dict]:
         d["shift_us"] = shift
         for op in d["ops"]:
             op["t"] = ((op["start"] + shift - t0) / 1000, (op["end"] + shift - t0) / 1000)
-        d["notes"] = [(n, (s + shift - t0) / 1000, (e + shift - t0) / 1000, tid)
-                      for n, s, e, tid in d["notes"]]
+        d["notes"] = [
+            (n, (s + shift - t0) / 1000, (e + shift - t0) / 1000, tid)
+            for n, s, e, tid in d["notes"]
+        ]
         d["busy"] = [((s + shift - t0) / 1000, (e + shift - t0) / 1000) for s, e in d["busy"]]
     resolve_peers(digests)
     return digests
 
 
-def merge(digests: list[dict], folder: str | Path, window: tuple[float, float] | None = None,
-          png: str | Path | None = None, title: str | None = None) -> str:
+def merge(
+    digests: list[dict],
+    folder: str | Path,
+    window: tuple[float, float] | None = None,
+    png: str | Path | None = None,
+    title: str | None = None,
+) -> str:
     """Write folder/trace.json and the timeline PNG (folder/timeline.png unless `png`) from
     every rank's digest; `window`: (start, end) in ms to draw. Returns a one-line summary."""
     digests, folder = align(digests), Path(folder)
     pairs = matched_pairs(digests)
     (folder / "trace.json").write_text(json.dumps(_chrome(digests, pairs)))
     png = Path(png) if png else folder / "timeline.png"
-    draw(digests, pairs, png, title or f"{folder.name}: {len(digests)} ranks, "
-         f"{digests[0]['backend']}", window)
+    draw(
+        digests,
+        pairs,
+        png,
+        title or f"{folder.name}: {len(digests)} ranks, {digests[0]['backend']}",
+        window,
+    )
     n_ops = sum(len(d["ops"]) for d in digests)
-    return (f"{len(digests)} ranks, {n_ops} communication ops, {len(pairs)} send->recv pairs; "
-            f"wrote {folder / 'trace.json'} (open it in https://ui.perfetto.dev) and {png}")
+    return (
+        f"{len(digests)} ranks, {n_ops} communication ops, {len(pairs)} send->recv pairs; "
+        f"wrote {folder / 'trace.json'} (open it in https://ui.perfetto.dev) and {png}"
+    )
 
 
 def _chrome(digests: list[dict], pairs: list[tuple[int, dict, int, dict]]) -> dict:
@@ -256,30 +345,93 @@ def _chrome(digests: list[dict], pairs: list[tuple[int, dict, int, dict]]) -> di
     out = []
     for d in digests:
         r = d["rank"]
-        out.append({"ph": "M", "name": "process_name", "pid": r,
-                    "args": {"name": f"rank {r} ({d['backend']}, {d['host']})"}})
+        out.append(
+            {
+                "ph": "M",
+                "name": "process_name",
+                "pid": r,
+                "args": {"name": f"rank {r} ({d['backend']}, {d['host']})"},
+            }
+        )
         out.append({"ph": "M", "name": "process_sort_index", "pid": r, "args": {"sort_index": r}})
-        out.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 0,
-                    "args": {"name": "busy (CPU ops or GPU kernels, merged)"}})
+        out.append(
+            {
+                "ph": "M",
+                "name": "thread_name",
+                "pid": r,
+                "tid": 0,
+                "args": {"name": "busy (CPU ops or GPU kernels, merged)"},
+            }
+        )
         for s, e in d["busy"]:
-            out.append({"ph": "X", "name": "busy", "pid": r, "tid": 0, "ts": s * 1000,
-                        "dur": (e - s) * 1000})
+            out.append(
+                {
+                    "ph": "X",
+                    "name": "busy",
+                    "pid": r,
+                    "tid": 0,
+                    "ts": s * 1000,
+                    "dur": (e - s) * 1000,
+                }
+            )
         for name, s, e, tid in d["notes"]:
-            out.append({"ph": "X", "cat": "annotation", "name": name, "pid": r, "tid": tid,
-                        "ts": s * 1000, "dur": (e - s) * 1000})
+            out.append(
+                {
+                    "ph": "X",
+                    "cat": "annotation",
+                    "name": name,
+                    "pid": r,
+                    "tid": tid,
+                    "ts": s * 1000,
+                    "dur": (e - s) * 1000,
+                }
+            )
         for op in d["ops"]:
-            out.append({"ph": "X", "cat": "communication", "name": _label(op), "pid": r,
-                        "tid": op["tid"], "ts": op["t"][0] * 1000,
-                        "dur": (op["t"][1] - op["t"][0]) * 1000, "args": op["args"]})
+            out.append(
+                {
+                    "ph": "X",
+                    "cat": "communication",
+                    "name": _label(op),
+                    "pid": r,
+                    "tid": op["tid"],
+                    "ts": op["t"][0] * 1000,
+                    "dur": (op["t"][1] - op["t"][0]) * 1000,
+                    "args": op["args"],
+                }
+            )
     for i, (a, send, b, recv) in enumerate(pairs):  # flow arrows from each send to its recv
-        out.append({"ph": "s", "cat": "p2p", "name": "send->recv", "id": i, "pid": a,
-                    "tid": send["tid"], "ts": sum(send["t"]) * 500})  # mid-slice: binds to it
-        out.append({"ph": "f", "bp": "e", "cat": "p2p", "name": "send->recv", "id": i, "pid": b,
-                    "tid": recv["tid"], "ts": sum(recv["t"]) * 500})
-    return {"traceEvents": out, "displayTimeUnit": "ms",
-            "otherData": {"clock": "us since the ranks left the barrier that starts the "
-                          "recording; ranks on another host than rank 0 shifted by: " +
-                          json.dumps({d["rank"]: d["shift_us"] for d in digests})}}
+        out.append(
+            {
+                "ph": "s",
+                "cat": "p2p",
+                "name": "send->recv",
+                "id": i,
+                "pid": a,
+                "tid": send["tid"],
+                "ts": sum(send["t"]) * 500,
+            }
+        )  # mid-slice: binds to it
+        out.append(
+            {
+                "ph": "f",
+                "bp": "e",
+                "cat": "p2p",
+                "name": "send->recv",
+                "id": i,
+                "pid": b,
+                "tid": recv["tid"],
+                "ts": sum(recv["t"]) * 500,
+            }
+        )
+    return {
+        "traceEvents": out,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "clock": "us since the ranks left the barrier that starts the "
+            "recording; ranks on another host than rank 0 shifted by: "
+            + json.dumps({d["rank"]: d["shift_us"] for d in digests})
+        },
+    }
 
 
 def _size(nbytes):
@@ -301,7 +453,7 @@ def _lanes(ops):
     ends, lane_of = [], []
     for op in ops:
         free = next((i for i, end in enumerate(ends) if end <= op["t"][0]), len(ends))
-        ends[free:free + 1] = [op["t"][1]]
+        ends[free : free + 1] = [op["t"][1]]
         lane_of.append(free)
     return lane_of, max(len(ends), 1)
 
@@ -366,8 +518,9 @@ def draw(
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("folder", help="a --trace folder holding rank0.json, rank1.json, ...")
     p.add_argument("--window", help="START:END in ms: draw only that part of the timeline")
     p.add_argument("--png", help="where to write the picture (FOLDER/timeline.png)")

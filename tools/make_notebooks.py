@@ -1,4 +1,4 @@
-"""Write notebooks/NN_topic.ipynb for every lesson, from the lesson itself: nothing is copied by hand.
+"""Write notebooks/NN_topic.ipynb for every lesson, from the lesson itself: nothing is hand-copied.
 
     python tools/make_notebooks.py              # (re)write and execute every notebook
     python tools/make_notebooks.py 02 06        # only these lessons
@@ -13,6 +13,7 @@ Notebooks are stored executed, so nbval can compare their outputs. Each is execu
 cell whose output differs between the two runs (after tests/nbval_sanitize.cfg's substitutions),
 or that prints a duration, is tagged nbval-ignore-output; every other cell is compared in CI.
 """
+
 import argparse
 import ast
 import re
@@ -66,8 +67,12 @@ def docstring_to_markdown(doc):
         text = textwrap.dedent("\n".join(body)).strip("\n")
         looks_like_code = re.search(r"^(torchrun|python|\[rank|--|\$ |[A-Z_]+=)", text, re.M)
         out += [f"**{line.strip()}**", ""]
-        out += [f"```\n{text}\n```" if looks_like_code else
-                "\n\n".join(" ".join(p.split()) for p in text.split("\n\n")), ""]
+        out += [
+            f"```\n{text}\n```"
+            if looks_like_code
+            else "\n\n".join(" ".join(p.split()) for p in text.split("\n\n")),
+            "",
+        ]
         i = j
     return "\n".join(out).strip() + "\n"
 
@@ -77,8 +82,9 @@ def exercise_regions(path):
     source = path.read_text()
     found = []
     # Region ex-NN-K holds exercise NN.K (docs snippets allow no dot in a region's name).
-    for match in re.finditer(r"# --8<-- \[start:ex-(\d\d)-(\d+)\]\n(.*?)# --8<-- \[end:ex-\1-\2\]",
-                             source, re.S):
+    for match in re.finditer(
+        r"# --8<-- \[start:ex-(\d\d)-(\d+)\]\n(.*?)# --8<-- \[end:ex-\1-\2\]", source, re.S
+    ):
         stub = match[3].rstrip() + "\n"
         names = [f.name for f in ast.parse(stub).body if isinstance(f, ast.FunctionDef)]
         found.append((f"{match[1]}.{match[2]}", stub, names))
@@ -88,7 +94,8 @@ def exercise_regions(path):
 def build(path):
     """The notebook for one lesson, unexecuted."""
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    kernel = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = kernel
     stem = path.stem
     doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
     cells = [
@@ -96,21 +103,28 @@ def build(path):
         nbformat.v4.new_markdown_cell(
             f"This notebook runs `lessons/{path.name}` on 4 ranks (gloo on CPU, NCCL on GPUs) and "
             "shows what every rank printed, rank by rank. Run the cells from the top; "
-            "**Kernel → Restart & Clear Output** resets it. The exercise cells are yours to edit."),
+            "**Kernel → Restart & Clear Output** resets it. The exercise cells are yours to edit."
+        ),
         _cell(SETUP, "setup"),
         _cell(f'run_lesson("{stem}", nproc=4)', "run"),
     ]
     for extra in EXTRA_RUNS.get(stem, []):
         cells.append(_cell(f'run_lesson("{stem}", nproc=4, args={extra!r})', "run"))
     if "args.out" in path.read_text():  # the lesson saves figures: show this run's
-        cells.append(_cell(f'for figure in sorted(Path("out").glob("{stem[:2]}_*.png")):\n'
-                           "    display(Image(filename=figure))", "figures"))
+        cells.append(
+            _cell(
+                f'for figure in sorted(Path("out").glob("{stem[:2]}_*.png")):\n'
+                "    display(Image(filename=figure))",
+                "figures",
+            )
+        )
     for exercise, stub, names in exercise_regions(path):
         cells += [
             nbformat.v4.new_markdown_cell(
                 f"## Exercise {exercise}\n\nEdit the function below, run the cell, then run the "
                 "check under it: it runs your code on 4 ranks and compares every rank with a "
-                f"single-process answer. Stuck? The solution is in `solutions/{path.name}`."),
+                f"single-process answer. Stuck? The solution is in `solutions/{path.name}`."
+            ),
             _cell(stub.rstrip(), "exercise", exercise),
             _cell(f'check("{exercise}", {", ".join(names)})', "check", exercise),
         ]
@@ -127,16 +141,22 @@ def _cell(source, role, exercise=None):
 def sanitized(cell):
     """The cell's text outputs after the same substitutions nbval makes."""
     patterns = re.findall(r"^regex: (.*)$\n^replace: (.*)$", SANITIZE.read_text(), re.M)
-    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                   for o in cell.get("outputs", []))
+    text = "".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for o in cell.get("outputs", [])
+    )
     for regex, replace in patterns:
         text = re.sub(regex, replace, text)
     return text
 
 
 def execute(nb):
-    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    ).execute()
     return nb
 
 
@@ -158,7 +178,8 @@ def stale(path):
     if not target.exists():
         return True
     have, want = nbformat.read(target, as_version=4), build(path)
-    return [(c.cell_type, c.source) for c in have.cells] != [(c.cell_type, c.source) for c in want.cells]
+    cells = [[(c.cell_type, c.source) for c in nb.cells] for nb in (have, want)]
+    return cells[0] != cells[1]
 
 
 def lessons(selected):
@@ -167,14 +188,19 @@ def lessons(selected):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("lessons", nargs="*", help="lesson numbers (default: all)")
     p.add_argument("--check", action="store_true", help="only say which notebooks are stale")
     args = p.parse_args()
     if args.check:
         old = [p.stem for p in lessons(args.lessons) if stale(p)]
-        print("stale: " + ", ".join(old) + "\nregenerate: python tools/make_notebooks.py"
-              if old else "every notebook is current")
+        print(
+            "stale: " + ", ".join(old) + "\nregenerate: python tools/make_notebooks.py"
+            if old
+            else "every notebook is current"
+        )
         sys.exit(1 if old else 0)
     NOTEBOOKS.mkdir(exist_ok=True)
     for path in lessons(args.lessons):
