@@ -3,10 +3,10 @@
 Each function runs in the lesson's namespace: torch and the lesson's helpers are in scope.
 The imports below make this file usable on its own too (benchmarks/weight_update.py loads it).
 """
+
 import torch
 
-from weight_sync.model import shard_of
-from weight_sync.plan import checksum_pieces
+from weight_sync import checksum_pieces, shard_of
 
 
 # --8<-- [start:ex-09-1]
@@ -20,9 +20,9 @@ def pack_bucket(bucket, weights, out):
     """
     # YOUR CODE BELOW
     for p in bucket.pieces:
-        rows = shard_of(weights[p.name], p.split_dim, p.tp_rank, p.tp_size)[p.start:p.stop]
+        rows = shard_of(weights[p.name], p.split_dim, p.tp_rank, p.tp_size)[p.start : p.stop]
         # a strided slice (a row-parallel shard) and float32 -> bf16 both happen in this one copy
-        out[p.offset:p.offset + p.nbytes].view(p.dtype).view(rows.shape).copy_(rows)
+        out[p.offset : p.offset + p.nbytes].view(p.dtype).view(rows.shape).copy_(rows)
 
 
 def push_update(group, plan, weights):
@@ -43,11 +43,11 @@ def push_update(group, plan, weights):
     works, checksums = [], []
     for k, bucket in enumerate(plan.buckets):
         if flat is not None:
-            data = flat[bucket.start:bucket.end]  # zero copy
+            data = flat[bucket.start : bucket.end]  # zero copy
         else:
             if k >= len(buffers):
                 works[k - len(buffers)].wait()  # the send that last read this buffer
-            data = buffers[k % len(buffers)][:bucket.nbytes]
+            data = buffers[k % len(buffers)][: bucket.nbytes]
             pack_bucket(bucket, weights, data)
         works.append(group.send(data, bucket.dst))  # launched, not waited for: back to back
         # summed on the trainer's device while the send runs, and before the buffer is reused
@@ -59,4 +59,4 @@ def push_update(group, plan, weights):
     for work in works:  # one wait at the end (NCCL: the stream waits, the host does not)
         work.wait()
     return table
-# --8<-- [end:ex-09-1]
+    # --8<-- [end:ex-09-1]

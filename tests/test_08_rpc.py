@@ -1,14 +1,16 @@
 """Lesson 08's failure paths, which the generic lesson and exercise tests don't reach: a teacher
 that hangs, dies or never joins makes its student fail fast, naming it; a port in use is an
 error on every rank; and RPC listens on 127.0.0.1 only, by default."""
+
 import contextlib
 import importlib
 import os
 import socket
 import sys
 
-from conftest import ROOT, free_port, run_ranks, text
 from course import launcher
+
+from conftest import ROOT, free_port, run_ranks, text
 
 LESSON = ROOT / "lessons" / "08_rpc.py"
 rpc_lesson = importlib.import_module("lessons.08_rpc")
@@ -18,17 +20,29 @@ def test_a_teacher_that_hangs_fails_its_student_within_the_rpc_timeout():
     result = run_ranks(LESSON, 2, ["--teacher", "hangs", "--rpc-timeout", "3"], timeout=120)
     out = text(result)
     assert result.returncode != 0, out
-    assert ("[rank 0] error: student0: its teacher teacher0 (rank 1) did not answer (a teacher "
-            "slower than --rpc-timeout, 3 s, unreachable or dead ends the run") in out, out
+    assert (
+        "[rank 0] error: student0: its teacher teacher0 (rank 1) did not answer (--rpc-timeout 3 s)"
+    ) in out, out
     assert "RPC ran for more than set timeout (3000 ms)" in out
 
 
 def test_a_teacher_that_dies_fails_its_student_at_once():
     """torchrun stops every rank 0.1 s after one dies; give the student time to say why."""
     result = launcher.run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "--monitor-interval=5", str(LESSON), "--teacher", "dies"],
-        timeout=120, env={"COURSE_BACKEND": "gloo"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            "--monitor-interval=5",
+            str(LESSON),
+            "--teacher",
+            "dies",
+        ],
+        timeout=120,
+        env={"COURSE_BACKEND": "gloo"},
+    )
     out = text(result)
     assert result.leftovers == 0 and result.returncode not in (0, -1), out
     assert "[rank 0] error: student0: its teacher teacher0 (rank 1) did not answer" in out, out
@@ -53,8 +67,9 @@ def test_an_rpc_port_in_use_is_an_error_on_every_rank():
     out = text(result)
     assert result.returncode != 0 and "Traceback" not in out, out
     for rank in range(2):
-        assert (f"[rank {rank}] error: --rpc-port {port}: that port is in use on this machine"
-                in out), out
+        assert (
+            f"[rank {rank}] error: --rpc-port {port}: that port is in use on this machine" in out
+        ), out
 
 
 def listening(pid):
@@ -70,10 +85,15 @@ def listening(pid):
             fields = line.split()
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 address, port = fields[1].split(":")
-                found.append((socket.inet_ntop(
-                    socket.AF_INET if width == 8 else socket.AF_INET6,
-                    bytes.fromhex(address)[::-1] if width == 8 else bytes.fromhex(address)),
-                    int(port, 16)))
+                found.append(
+                    (
+                        socket.inet_ntop(
+                            socket.AF_INET if width == 8 else socket.AF_INET6,
+                            bytes.fromhex(address)[::-1] if width == 8 else bytes.fromhex(address),
+                        ),
+                        int(port, 16),
+                    )
+                )
     return found
 
 
@@ -82,7 +102,7 @@ def test_rpc_listens_on_loopback_only_by_default(monkeypatch):
         monkeypatch.setenv(name, "")  # start_rpc sets them: restored after the test
     port = free_port()
     before = set(listening(os.getpid()))
-    rpc_lesson.start_rpc("solo", 0, 1, "127.0.0.1", port, "lo", 20)
+    rpc_lesson.start_rpc("solo", 0, 1, f"127.0.0.1:{port}", "lo", 20)
     try:
         opened = set(listening(os.getpid())) - before
     finally:

@@ -7,6 +7,7 @@ separate process running one of this file's scenarios (python tests/test_09_weig
 SCENARIO PORT_FILE): two jobs, two worlds, as in RLHF, so a trainer can die and the engine live
 on. Every run is bounded (conftest); a scenario prints `RESULT name: text` lines and exits
 non-zero, with the reason, when one of its own checks fails."""
+
 import contextlib
 import os
 import runpy
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_python, run_ranks, text
 from course.check import run_check, solution_file
+
+from conftest import ROOT, run_python, run_ranks, text
 
 THIS = Path(__file__).resolve()
 ENGINE_TIMEOUT_S = 8  # the engine's waits; the trainer's are longer: the engine answers first
@@ -37,9 +39,12 @@ def engine(tp, folder):
 
     def serve():
         try:
-            box["result"] = run_ranks("weight_sync", tp, [
-                "--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120],
-                timeout=240)
+            box["result"] = run_ranks(
+                "weight_sync",
+                tp,
+                ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120],
+                timeout=240,
+            )
         except BaseException as err:  # e.g. processes left behind: report it in the test
             box["error"] = err
 
@@ -59,8 +64,11 @@ def engine(tp, folder):
 def scenario(name, port_file, *args, timeout=150):
     result = run_python(THIS, [name, port_file, *args], timeout=timeout)
     out = text(result)
-    results = {line.split(": ", 1)[0][len("RESULT "):]: line.split(": ", 1)[1]
-               for line in out.splitlines() if line.startswith("RESULT ") and ": " in line}
+    results = {
+        line.split(": ", 1)[0][len("RESULT ") :]: line.split(": ", 1)[1]
+        for line in out.splitlines()
+        if line.startswith("RESULT ") and ": " in line
+    }
     return result, out, results
 
 
@@ -85,13 +93,16 @@ def bad_inputs(tmp_path_factory):
     return result, out, results, box["result"]
 
 
-@pytest.mark.parametrize("case, says", [
-    ("shape", "shape mismatch for model.embed_tokens.weight"),
-    ("dtype", "dtype mismatch for model.embed_tokens.weight"),
-    ("name", "no tensor 'model.layers.0.self_attn.qkv_proj.weight'"),
-    ("naive name", "no tensor 'lm_head.weights'"),
-    ("corrupted", "checksum mismatch"),
-])
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("shape", "shape mismatch for model.embed_tokens.weight"),
+        ("dtype", "dtype mismatch for model.embed_tokens.weight"),
+        ("name", "no tensor 'model.layers.0.self_attn.qkv_proj.weight'"),
+        ("naive name", "no tensor 'lm_head.weights'"),
+        ("corrupted", "checksum mismatch"),
+    ],
+)
 def test_bad_update_is_refused_before_the_live_weights_change(bad_inputs, case, says):
     """Refused with a message naming the tensor; the live weights are byte-identical after
     (sha256 of every rank's tensors), the version is unchanged, the engine still answers."""
@@ -102,12 +113,15 @@ def test_bad_update_is_refused_before_the_live_weights_change(bad_inputs, case, 
     assert engine_result.returncode == 0, text(engine_result)
 
 
-@pytest.mark.parametrize("case, says", [
-    ("twice, trainer", "already has a weight-update group named 'wu'"),
-    ("twice, engine", "already exists on this engine"),
-    ("wrong name", "created no weight-update group named 'wu-typo' (it created: wu, wu-2)"),
-    ("unknown group", "no weight-update group named 'nope' on this engine"),
-])
+@pytest.mark.parametrize(
+    "case, says",
+    [
+        ("twice, trainer", "already has a weight-update group named 'wu'"),
+        ("twice, engine", "already exists on this engine"),
+        ("wrong name", "created no weight-update group named 'wu-typo' (it created: wu, wu-2)"),
+        ("unknown group", "no weight-update group named 'nope' on this engine"),
+    ],
+)
 def test_group_mistakes_are_clear_errors_not_hangs(bad_inputs, case, says):
     result, out, results, _ = bad_inputs
     assert result.returncode == 0, out
@@ -125,8 +139,10 @@ def test_trainer_killed_mid_transfer_engine_keeps_the_old_weights(tmp_path):
     engine_out = text(box["result"])
     assert box["result"].returncode == 0, engine_out
     assert "update rejected, kept version 0: the transfer failed" in engine_out, engine_out
-    assert results["after the death"] == "version 0, weights byte-identical to model A, " \
-                                         "sampled rows equal A, next token as A's", out
+    assert (
+        results["after the death"] == "version 0, weights byte-identical to model A, "
+        "sampled rows equal A, next token as A's"
+    ), out
 
 
 def test_dead_engine_rank_fails_the_push_naming_it(tmp_path):
@@ -168,7 +184,8 @@ def test_every_collective_agrees_in_dtype_and_count(tmp_path, monkeypatch):
                     p2p[op].setdefault((group, *pair), []).append((dtype, numel))
                 else:
                     collectives.setdefault(group, {}).setdefault(rank, []).append(
-                        (op, peer, dtype, numel))
+                        (op, peer, dtype, numel)
+                    )
         assert set(collectives) == groups, (run, collectives.keys())
         for group, ranks in collectives.items():
             first, *others = ranks.values()
@@ -199,7 +216,7 @@ def test_bytes_on_the_wire_and_the_packed_bytes():
         for r, layout in enumerate(plan.layouts):  # each rank's buckets, packed, vs reference
             mine = torch.zeros(layout.size, dtype=torch.uint8)
             for b in plan.rank_buckets[r]:
-                solution["pack_bucket"](b, weights, mine[b.start:b.end])
+                solution["pack_bucket"](b, weights, mine[b.start : b.end])
             reference = torch.zeros(layout.size, dtype=torch.uint8)
             lay_out_shards(layout, weights, reference)
             assert digest(layout, mine) == digest(layout, reference)
@@ -207,13 +224,22 @@ def test_bytes_on_the_wire_and_the_packed_bytes():
 
 
 def test_benchmark_prints_the_table_and_saves_the_chart(tmp_path):
-    result = run_ranks(ROOT / "benchmarks" / "weight_update.py", 2, [
-        "--models", "tiny", "--sweep-mib", "2", "--repeats", "2", "--out", tmp_path], timeout=240)
+    result = run_ranks(
+        ROOT / "benchmarks" / "weight_update.py",
+        2,
+        ["--models", "tiny", "--sweep-mib", "2", "--repeats", "2", "--out", tmp_path],
+        timeout=240,
+    )
     out = text(result)
     assert result.returncode == 0, out
-    for line in ("broadcast sweep on the weight-update group", "| tiny | naive |",
-                 "| tiny | fast |", "| tiny | fast, fp32 trainer |", "where the warm time goes",
-                 "checked: fast: sampled weights read back equal the trainer's B"):
+    for line in (
+        "broadcast sweep on the weight-update group",
+        "| tiny | naive |",
+        "| tiny | fast |",
+        "| tiny | fast, fp32 trainer |",
+        "where the warm time goes",
+        "checked: fast: sampled weights read back equal the trainer's B",
+    ):
         assert line in out, out
     for suffix in ("md", "json", "png"):
         assert (tmp_path / f"09_weight_update_gloo.{suffix}").stat().st_size > 0
@@ -259,14 +285,21 @@ class Trainer:
         from weight_sync.plan import reference_digest
 
         got = [d["sha256"] for d in self.client.call("weights_digest")]
-        return got == [reference_digest(self.shape, seed, self.torch.bfloat16, r, self.tp)
-                       for r in range(self.tp)]
+        return got == [
+            reference_digest(self.shape, seed, self.torch.bfloat16, r, self.tp)
+            for r in range(self.tp)
+        ]
 
     def rows_equal(self, seed):
-        for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight",
-                     "model.norm.weight", "lm_head.weight"):
-            got = self.torch.tensor(self.client.call("get_weights_by_name", name=name,
-                                                     truncate_size=4)[0])
+        for name in (
+            "model.embed_tokens.weight",
+            "model.layers.1.self_attn.o_proj.weight",
+            "model.norm.weight",
+            "lm_head.weight",
+        ):
+            got = self.torch.tensor(
+                self.client.call("get_weights_by_name", name=name, truncate_size=4)[0]
+            )
             if not self.torch.equal(got, self.models[seed][name][:4].bfloat16().float()):
                 return False
         return True
@@ -281,14 +314,21 @@ class Trainer:
     def group(self, name, warmup=True):
         from weight_sync.trainer import create_update_group
 
-        return create_update_group(self.client, name, "gloo", "cpu", warmup=warmup,
-                                   timeout_s=TRAINER_TIMEOUT_S)
+        return create_update_group(
+            self.client, name, "gloo", "cpu", warmup=warmup, timeout_s=TRAINER_TIMEOUT_S
+        )
 
     def updater(self, group, seed, resharding="shard", bucket_bytes=16384):
         from weight_sync.trainer import FastUpdater
 
-        updater = FastUpdater(self.client, group, self.models[seed], self.push_update,
-                              bucket_bytes=bucket_bytes, resharding=resharding)
+        updater = FastUpdater(
+            self.client,
+            group,
+            self.models[seed],
+            self.push_update,
+            bucket_bytes=bucket_bytes,
+            resharding=resharding,
+        )
         updater.prepare()
         return updater
 
@@ -314,8 +354,14 @@ def expect_error(name, call):
 
 
 def run_ab(t):
-    ok = lambda seed: "ok" if t.rows_equal(seed) and not t.rows_equal(3 - seed) and \
-        t.digests(seed) and t.token_of(seed) else "FAILED"
+    ok = lambda seed: (
+        "ok"
+        if t.rows_equal(seed)
+        and not t.rows_equal(3 - seed)
+        and t.digests(seed)
+        and t.token_of(seed)
+        else "FAILED"
+    )
     report("before", ok(1))
     t.push_naive(t.client, t.group("naive", warmup=False), t.models[2])
     report("naive", ok(2))
@@ -336,29 +382,47 @@ def run_bad_inputs(t):
     names = list(t.models[2])
 
     wrong_shape = dict(t.models[2], **{"model.embed_tokens.weight": torch.zeros(385, 96)})
-    expect_error("shape", lambda: FastUpdater(t.client, group, wrong_shape, t.push_update,
-                                              bucket_bytes=16384).prepare())
+    expect_error(
+        "shape",
+        lambda: FastUpdater(
+            t.client, group, wrong_shape, t.push_update, bucket_bytes=16384
+        ).prepare(),
+    )
     report("shape after", t.same_as_before())
-    expect_error("dtype", lambda: t.client.call(  # float32 declared: not converted on send
-        "prepare_weights_update", group_name="wu", names=names, dtypes=["torch.float32"] * 21,
-        shapes=[list(w.shape) for w in t.models[2].values()], bucket_bytes=16384))
+    expect_error(
+        "dtype",
+        lambda: t.client.call(  # float32 declared: not converted on send
+            "prepare_weights_update",
+            group_name="wu",
+            names=names,
+            dtypes=["torch.float32"] * 21,
+            shapes=[list(w.shape) for w in t.models[2].values()],
+            bucket_bytes=16384,
+        ),
+    )
     report("dtype after", t.same_as_before())
-    renamed = {k.replace("q_proj", "qkv_proj") if k.startswith("model.layers.0.") else k: v
-               for k, v in t.models[2].items()}
-    expect_error("name", lambda: FastUpdater(t.client, group, renamed, t.push_update,
-                                             bucket_bytes=16384).prepare())
+    renamed = {
+        k.replace("q_proj", "qkv_proj") if k.startswith("model.layers.0.") else k: v
+        for k, v in t.models[2].items()
+    }
+    expect_error(
+        "name",
+        lambda: FastUpdater(t.client, group, renamed, t.push_update, bucket_bytes=16384).prepare(),
+    )
     report("name after", t.same_as_before())
     naive = t.group("naive", warmup=False)  # one bad name in a naive run of two tensors
-    typo = {"model.norm.weight": t.models[2]["model.norm.weight"],
-            "lm_head.weights": t.models[2]["lm_head.weight"]}
+    typo = {
+        "model.norm.weight": t.models[2]["model.norm.weight"],
+        "lm_head.weights": t.models[2]["lm_head.weight"],
+    }
     expect_error("naive name", lambda: t.push_naive(t.client, naive, typo))
     t.push_naive(t.client, naive, {"model.norm.weight": t.models[1]["model.norm.weight"]})
     report("naive name after", t.same_as_before())  # (the first tensor went in: put A back)
 
     updater = t.updater(group, 2)
-    send = group.send
+    send, calls = group.send, []
 
-    def corrupt(data, dst, calls=[]):  # one flipped byte on the wire, after the checksum
+    def corrupt(data, dst):  # one flipped byte on the wire, after the checksum
         calls.append(dst)
         if len(calls) == 2:
             data = data.clone()
@@ -372,15 +436,33 @@ def run_bad_inputs(t):
 
     t.group("wu-2")
     expect_error("twice, trainer", lambda: t.group("wu"))
-    expect_error("twice, engine", lambda: t.client.call(
-        "init_weight_update_group", master_address="127.0.0.1", master_port=1, rank_offset=1,
-        world_size=1 + t.tp, group_name="wu", backend="gloo"))
+    expect_error(
+        "twice, engine",
+        lambda: t.client.call(
+            "init_weight_update_group",
+            master_address="127.0.0.1",
+            master_port=1,
+            rank_offset=1,
+            world_size=1 + t.tp,
+            group_name="wu",
+            backend="gloo",
+        ),
+    )
     store, port = listening_store("127.0.0.1", 0, seconds(TRAINER_TIMEOUT_S))
     store.set("announce/wu", "1")
     store.set("announced", "wu, wu-2")
-    expect_error("wrong name", lambda: t.client.call(
-        "init_weight_update_group", master_address="127.0.0.1", master_port=port, rank_offset=1,
-        world_size=1 + t.tp, group_name="wu-typo", backend="gloo"))
+    expect_error(
+        "wrong name",
+        lambda: t.client.call(
+            "init_weight_update_group",
+            master_address="127.0.0.1",
+            master_port=port,
+            rank_offset=1,
+            world_size=1 + t.tp,
+            group_name="wu-typo",
+            backend="gloo",
+        ),
+    )
     expect_error("unknown group", lambda: t.client.call("update_weights", group_name="nope"))
     report("in the end", t.same_as_before())
 
@@ -407,8 +489,12 @@ def run_die_mid_transfer(t):
 def run_inspect(t):
     version = {v["version"] for v in t.client.call("get_version")}
     ok = version == {0} and t.digests(1) and t.rows_equal(1) and t.token_of(1)
-    report("after the death", "version 0, weights byte-identical to model A, sampled rows equal "
-                              "A, next token as A's" if ok else f"FAILED: version {version}")
+    report(
+        "after the death",
+        "version 0, weights byte-identical to model A, sampled rows equal A, next token as A's"
+        if ok
+        else f"FAILED: version {version}",
+    )
 
 
 def run_engine_rank_dies(t):
@@ -419,8 +505,13 @@ def run_engine_rank_dies(t):
     expect_error("shutdown", lambda: t.client.shutdown(timeout_s=3))  # rank 1 cannot answer
 
 
-SCENARIOS = {"ab": run_ab, "bad-inputs": run_bad_inputs, "die-mid-transfer": run_die_mid_transfer,
-             "inspect": run_inspect, "engine-rank-dies": run_engine_rank_dies}
+SCENARIOS = {
+    "ab": run_ab,
+    "bad-inputs": run_bad_inputs,
+    "die-mid-transfer": run_die_mid_transfer,
+    "inspect": run_inspect,
+    "engine-rank-dies": run_engine_rank_dies,
+}
 
 if __name__ == "__main__":
     what, port_file = sys.argv[1:3]

@@ -3,7 +3,7 @@
 lessons/09_weight_update.py is the trainer's side and reads without this package: it teaches the
 naive update, timing it, and (exercise 09.1) the fast push. This package holds what the lesson
 needs and does not teach: the model, the inference engine, its control plane, process groups
-built from a store, and the plan (layout, buckets, checksums) of the fast path.
+built from a store, the plan (layout, buckets, checksums) of the fast path, and SGLang's checks.
 
 Modules (each one job; communication primitives apart from the code that uses them):
     model.py      LlamaShape, PRESETS, llama_specs, make_weights, shard_of, forward: a Llama-style
@@ -23,15 +23,43 @@ Modules (each one job; communication primitives apart from the code that uses th
                   per request) and get_weights_by_name
     fast_path.py  FastPath, a base class of Engine: the fast path's prepare_weights_update /
                   update_weights (staging, checksums, coverage, commit)
-    trainer.py    create_update_group, FastUpdater: the trainer's side of group creation and of
-                  the fast path
+    trainer.py    create_update_group, FastUpdater, check_read_back, check_generate: the
+                  trainer's side of group creation, of the fast path, and of SGLang's checks
     __main__.py   an engine on its own
 
 An engine on its own, as tests run it (to kill a trainer mid-transfer and keep the engine),
 from the repository root:
     torchrun --nproc-per-node 2 -m weight_sync --port-file /tmp/engine.addr
 
-Importing the package imports none of its modules; import a name from the module that holds it:
-    from weight_sync.engine import serve_engine
-    from weight_sync.trainer import FastUpdater, create_update_group
+What a trainer uses is named here, from the module that holds it:
+    import weight_sync as ws
+    ws.serve_engine(...); client = ws.engine_client(timeout_s)
+    group = ws.create_update_group(client, "wu", "gloo", "cpu", warmup=True, timeout_s=20)
 """
+
+from weight_sync.control import EngineError, engine_client
+from weight_sync.engine import POLL_S, serve_engine
+from weight_sync.groups import RecordingGroup
+from weight_sync.model import PRESETS, forward, llama_specs, make_weights, shard_of
+from weight_sync.plan import Plan, checksum_pieces, reference_checksums
+from weight_sync.trainer import FastUpdater, check_generate, check_read_back, create_update_group
+
+__all__ = [
+    "POLL_S",
+    "PRESETS",
+    "EngineError",
+    "FastUpdater",
+    "Plan",
+    "RecordingGroup",
+    "check_generate",
+    "check_read_back",
+    "checksum_pieces",
+    "create_update_group",
+    "engine_client",
+    "forward",
+    "llama_specs",
+    "make_weights",
+    "reference_checksums",
+    "serve_engine",
+    "shard_of",
+]

@@ -4,6 +4,7 @@ trainer mid-transfer and keep the engine). From the repository root:
 Engine rank 0 hosts the control plane and writes its HOST:PORT to --port-file; the engine
 serves until a client asks it to shut down, or until no request came for --idle seconds.
 """
+
 import argparse
 import os
 
@@ -13,10 +14,11 @@ from weight_sync.engine import serve_engine
 from weight_sync.model import PRESETS
 
 
-def main():
+def main() -> None:
     """An engine on its own, one TP rank per torchrun rank (the tests' way of running it)."""
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=1, help="the model it starts with (1: model A)")
     p.add_argument("--dtype", default="bfloat16")
@@ -31,9 +33,19 @@ def main():
     if args.backend == "nccl":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    serve_engine(rank, size, args.backend, device, preset=args.preset, seed=args.seed,
-                 dtype=args.dtype, timeout_s=args.timeout, idle_s=args.idle,
-                 poll_s=args.poll_ms / 1e3 or None, port_file=args.port_file)
+    serve_engine(
+        rank,
+        size,
+        args.backend,
+        device,
+        preset=args.preset,
+        seed=args.seed,
+        dtype=args.dtype,
+        timeout_s=args.timeout,
+        idle_s=args.idle,
+        poll_s=args.poll_ms / 1e3 or None,
+        port_file=args.port_file,
+    )
 
 
 if __name__ == "__main__":

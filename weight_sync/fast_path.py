@@ -3,11 +3,13 @@
 checksummed as it lands, every tensor's coverage checked, and a commit only if every TP rank
 can take the update (update_weights). FastPath is a base class of Engine (engine.py): its
 methods use the engine's state (layout, live and staging, groups, plans, its TP group)."""
+
 from __future__ import annotations
 
 import collections
 import os
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,49 +22,74 @@ from weight_sync.timing import Clock
 class FastPath:
     """The Engine's requests of the fast path, and the receive, verify and commit behind them."""
 
-    def op_describe(self):
+    def op_describe(self) -> dict[str, Any]:
         """The engine's parameters (HF name, full shape, TP split dim), dtype and TP size."""
-        return {"specs": self.specs, "dtype": str(self.dtype), "tp_size": self.tp_size,
-                "version": self.version}
+        return {
+            "specs": self.specs,
+            "dtype": str(self.dtype),
+            "tp_size": self.tp_size,
+            "version": self.version,
+        }
 
-    def op_prepare_weights_update(self, group_name, names, dtypes, shapes, bucket_bytes,
-                                  resharding="shard"):
+    def op_prepare_weights_update(
+        self,
+        group_name: str,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        bucket_bytes: int,
+        resharding: str = "shard",
+    ) -> dict[str, Any]:
         """The metadata, once: check every declared tensor and that they cover the model, then
         plan the buckets. Nothing is received: a bad update is refused before any byte moves."""
         self._group(group_name)
-        problems = [p for n, d, s in zip(names, dtypes, shapes)
-                    if (p := self._mismatch(n, parse_dtype(d), s, wire=True))]
+        problems = [
+            p
+            for n, d, s in zip(names, dtypes, shapes)
+            if (p := self._mismatch(n, parse_dtype(d), s, wire=True))
+        ]
         missing = [n for n in self.layout.by_name if n not in set(names)]
         if missing:
-            problems.append(f"the update does not cover {len(missing)} tensor(s) of the engine: "
-                            + ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else ""))
+            problems.append(
+                f"the update does not cover {len(missing)} tensor(s) of the engine: "
+                + ", ".join(missing[:3])
+                + (" ..." if len(missing) > 3 else "")
+            )
         if len(set(names)) != len(names):
             problems.append("the update names a tensor twice")
         if problems:
-            raise Refused("; ".join(problems[:4]) + (" ..." if len(problems) > 4 else "")
-                          + f" (nothing received; version {self.version} kept)")
+            raise Refused(
+                "; ".join(problems[:4])
+                + (" ..." if len(problems) > 4 else "")
+                + f" (nothing received; version {self.version} kept)"
+            )
         plan = Plan(self.specs, self.dtype, self.tp_size, bucket_bytes, resharding)
         positions = plan.table_positions(self.tp_rank)  # where my checksums are in the table
-        plan.my_sums = torch.tensor([at + i for b, at in positions for i in range(len(b.pieces))],
-                                    device=self.device)
+        plan.my_sums = torch.tensor(
+            [at + i for b, at in positions for i in range(len(b.pieces))], device=self.device
+        )
         self.plans[group_name] = plan
-        self.wire = (torch.empty(plan.wire.size, dtype=torch.uint8, device=self.device)
-                     if plan.slices_after_broadcast else None)
+        self.wire = (
+            torch.empty(plan.wire.size, dtype=torch.uint8, device=self.device)
+            if plan.slices_after_broadcast
+            else None
+        )
         return {"specs": self.specs, "dtype": str(self.dtype), "buckets": len(plan.buckets)}
 
-    def op_warm_up(self, group_name, peers):
+    def op_warm_up(self, group_name: str, peers: list[int]) -> dict[str, Any]:
         self._group(group_name).warm_up(peers)
         return {}
 
     # --8<-- [start:commit]
-    def op_update_weights(self, group_name):
+    def op_update_weights(self, group_name: str) -> dict[str, Any]:
         """Receive the prepared buckets into staging, check the trainer's checksums and that
         every tensor arrived; only if every engine rank can, commit: swap staging and live, bump
         the version. Otherwise every rank keeps its live weights and version."""
         group = self._group(group_name)
         if group_name not in self.plans:
-            raise Refused(f"no update prepared on group {group_name!r}: "
-                          "prepare_weights_update first")
+            raise Refused(
+                f"no update prepared on group {group_name!r}: prepare_weights_update first"
+            )
         plan, times, broken = self.plans[group_name], {"picked_up": time.monotonic()}, False
         try:
             mine, theirs, positions, clock = self._receive(group, plan)
@@ -79,13 +106,16 @@ class FastPath:
                 self.plans.pop(group_name, None)
             self.log(f"update rejected, kept version {self.version}: {problem}")
             dropped = f"; group {group_name!r} dropped, create a new one" if broken else ""
-            raise Refused(f"{problem}: update rejected on every engine rank, version "
-                          f"{self.version} kept{dropped}")
+            raise Refused(
+                f"{problem}: update rejected on every engine rank, version "
+                f"{self.version} kept{dropped}"
+            )
         self.live, self.staging = self.staging, self.live  # the commit: a swap, nothing copied
         self.weights, self.staged = self.staged, self.weights
         self.version += 1
         times["committed"] = time.monotonic()
         return {"version": self.version, **times}
+
     # --8<-- [end:commit]
 
     def _verify(self, mine, theirs, positions):
@@ -93,17 +123,21 @@ class FastPath:
         bad = (mine != theirs).nonzero().flatten().tolist()
         pieces = [p for b, _ in positions for p in b.pieces]
         if bad:
-            names = ", ".join(f"{pieces[i].name} rows {pieces[i].start}:{pieces[i].stop}"
-                              for i in bad[:3])
+            names = ", ".join(
+                f"{pieces[i].name} rows {pieces[i].start}:{pieces[i].stop}" for i in bad[:3]
+            )
             return f"checksum mismatch on engine rank {self.tp_rank} in {names}" + (
-                " ..." if len(bad) > 3 else "")
+                " ..." if len(bad) > 3 else ""
+            )
         rows = collections.Counter()
         for p in pieces:
             rows[p.name] += p.stop - p.start
         uncovered = [e.name for e in self.layout.entries if rows[e.name] != e.shape[0]]
         if uncovered:
-            return (f"coverage: {len(uncovered)} tensor(s) did not fully arrive on engine rank "
-                    f"{self.tp_rank}: {', '.join(uncovered[:3])}")
+            return (
+                f"coverage: {len(uncovered)} tensor(s) did not fully arrive on engine rank "
+                f"{self.tp_rank}: {', '.join(uncovered[:3])}"
+            )
         return None
 
     def _all_agree(self, ok):
@@ -126,17 +160,21 @@ class FastPath:
         table = torch.empty(plan.n_sums, dtype=torch.int64, device=device)
         clock = Clock(device)
         if plan.slices_after_broadcast:  # every wire bucket, then cut this rank's shard out
-            works = [group.broadcast(self.wire[b.start:b.end], 0) for b in plan.buckets]
+            works = [group.broadcast(self.wire[b.start : b.end], 0) for b in plan.buckets]
             works.append(group.broadcast(table, 0))
             for work in works:
                 work.wait()
             clock.mark()
             lay_out_shards(self.layout, plan.wire.views(self.wire), self.staging)
-            sums = [checksum_pieces(b, self.staging[b.start:b.end]) for b, _ in positions]
+            sums = [checksum_pieces(b, self.staging[b.start : b.end]) for b, _ in positions]
         else:  # straight into staging: its layout is the wire's
             mine = [b for b in plan.buckets if b.dst in (None, 1 + r)]
-            works = [group.recv(self.staging[b.start:b.end], 0) if b.dst is not None
-                     else group.broadcast(self.staging[b.start:b.end], 0) for b in mine]
+            works = [
+                group.recv(self.staging[b.start : b.end], 0)
+                if b.dst is not None
+                else group.broadcast(self.staging[b.start : b.end], 0)
+                for b in mine
+            ]
             table_work = group.broadcast(table, 0)  # sent last, after every bucket
             sums = []
             for count, (b, work) in enumerate(zip(mine, works), 1):
@@ -144,9 +182,10 @@ class FastPath:
                 if count == len(mine):
                     clock.mark()
                 self._maybe_die(count)
-                sums.append(checksum_pieces(b, self.staging[b.start:b.end]))
+                sums.append(checksum_pieces(b, self.staging[b.start : b.end]))
             table_work.wait()
         return torch.cat(sums), table[plan.my_sums], positions, clock.since
+
     # --8<-- [end:receive]
 
     def _maybe_die(self, buckets_received):

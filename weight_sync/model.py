@@ -1,14 +1,20 @@
 """The model of lesson 09: a Llama-style model with HF parameter names, its column/row-parallel
 TP shards, and a TP forward pass (greedy next token). Weights are made from a seed, any tensor
 on any rank alone; nothing is downloaded."""
+
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from weight_sync.groups import Group
+
 ROPE_THETA = 500000.0  # Llama 3's rotary base
+NAMES = {1: "A", 2: "B", 3: "C"}  # the course's models by seed: the engine starts with A
 
 
 class LlamaShape(NamedTuple):
@@ -19,6 +25,9 @@ class LlamaShape(NamedTuple):
     heads: int
     kv_heads: int
 
+
+Weights = dict[str, torch.Tensor]  # {HF name: tensor}, full tensors or one TP rank's shards
+Spec = tuple[str, tuple[int, ...], int | None]  # (HF name, full shape, the dim split over TP)
 
 PRESETS = {
     # lessons and tests: 21 tensors, every split divides by TP = 1, 2, 3 (and 6)
@@ -31,7 +40,12 @@ PRESETS = {
 }
 
 
-def llama_specs(shape):
+def model_name(seed: int) -> str:
+    """How the course calls the model made from `seed`: A, B, C, else by its seed."""
+    return f"model {NAMES[seed]}" if seed in NAMES else f"the model of seed {seed}"
+
+
+def llama_specs(shape: LlamaShape) -> list[Spec]:
     """[(HF name, full shape, the dim split across TP ranks or None)], in the engine's order.
     Column-parallel (q/k/v, gate/up, lm_head, the vocab-parallel embedding) split dim 0,
     row-parallel (o, down) split dim 1, norms are replicated."""
@@ -40,19 +54,21 @@ def llama_specs(shape):
     specs = [("model.embed_tokens.weight", (shape.vocab, h), 0)]
     for i in range(shape.layers):
         p = f"model.layers.{i}."
-        specs += [(p + "input_layernorm.weight", (h,), None),
-                  (p + "self_attn.q_proj.weight", (q, h), 0),
-                  (p + "self_attn.k_proj.weight", (kv, h), 0),
-                  (p + "self_attn.v_proj.weight", (kv, h), 0),
-                  (p + "self_attn.o_proj.weight", (h, q), 1),
-                  (p + "post_attention_layernorm.weight", (h,), None),
-                  (p + "mlp.gate_proj.weight", (inter, h), 0),
-                  (p + "mlp.up_proj.weight", (inter, h), 0),
-                  (p + "mlp.down_proj.weight", (h, inter), 1)]
+        specs += [
+            (p + "input_layernorm.weight", (h,), None),
+            (p + "self_attn.q_proj.weight", (q, h), 0),
+            (p + "self_attn.k_proj.weight", (kv, h), 0),
+            (p + "self_attn.v_proj.weight", (kv, h), 0),
+            (p + "self_attn.o_proj.weight", (h, q), 1),
+            (p + "post_attention_layernorm.weight", (h,), None),
+            (p + "mlp.gate_proj.weight", (inter, h), 0),
+            (p + "mlp.up_proj.weight", (inter, h), 0),
+            (p + "mlp.down_proj.weight", (h, inter), 1),
+        ]
     return specs + [("model.norm.weight", (h,), None), ("lm_head.weight", (shape.vocab, h), 0)]
 
 
-def one_weight(shape, name, seed, device):
+def one_weight(shape: LlamaShape, name: str, seed: int, device: torch.device | str) -> torch.Tensor:
     """One tensor of the model `seed`, made alone: each has its own generator, so any rank can
     make any tensor of it, and the same seed gives the same values on every device of one type."""
     index, full = next((i, full) for i, (n, full, _) in enumerate(llama_specs(shape)) if n == name)
@@ -61,7 +77,13 @@ def one_weight(shape, name, seed, device):
     return value.add_(1.0) if name.endswith("norm.weight") else value
 
 
-def make_weights(shape, seed, device, dtype=torch.float32, into=None):
+def make_weights(
+    shape: LlamaShape,
+    seed: int,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    into: Weights | None = None,
+) -> Weights:
     """The model `seed` as {name: tensor}; with `into` ({name: view}), written into those views."""
     out = {} if into is None else into
     for name, _, _ in llama_specs(shape):
@@ -73,14 +95,22 @@ def make_weights(shape, seed, device, dtype=torch.float32, into=None):
     return out
 
 
-def shard_of(full, split_dim, tp_rank, tp_size):
+def shard_of(full: torch.Tensor, split_dim: int | None, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The part of `full` that engine rank `tp_rank` of `tp_size` holds (a view, no copy)."""
     return full if split_dim is None else full.chunk(tp_size, split_dim)[tp_rank]
 
 
-def forward(weights, shape, tokens, tp_rank=0, tp_size=1, tp_group=None):
+def forward(
+    weights: Weights,
+    shape: LlamaShape,
+    tokens: Sequence[int] | torch.Tensor,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: Group | None = None,
+) -> torch.Tensor:
     """Logits of the last position after `tokens`, computed in float32 by one TP rank holding the
     shards `weights`. With tp_size 1 and full weights: the single-process reference."""
+
     def reduce(x):  # a row-parallel product is a partial sum on each rank: add them up
         if tp_size > 1:
             tp_group.all_reduce(x).wait()
@@ -104,7 +134,7 @@ def forward(weights, shape, tokens, tp_rank=0, tp_size=1, tp_group=None):
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
 
     def rope(t):  # t: [heads, n, hd]
-        return t * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+        return t * cos + torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
 
     for i in range(shape.layers):
         p = f"model.layers.{i}."

@@ -9,5 +9,5 @@ def train_prefetching(student, optimizer, teacher, batches):
     for i, batch in enumerate(batches):
         if i + 1 < len(batches):
             pending = teacher.rpc_async().forward(batches[i + 1])
-        losses.append(distill_step(student, optimizer, batch, pending.wait()))  # noqa: F821
+        losses.append(distill_step(student, optimizer, batch, pending.wait()))
     return losses

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# What one GPU can check of the lessons (torch 2.11 preinstalled there, nothing installed:
+# PYTHONPATH=.): a lesson that takes 1 rank runs on NCCL; every lesson runs with 4 ranks, which
+# `auto` puts on gloo (4 local ranks, 1 GPU: NCCL refuses two ranks on one GPU); every exercise
+# check passes on the reference solutions.
+#
+#     bash tools/gpu/one_gpu.sh OUTDIR        # logs in OUTDIR/logs, exit codes in OUTDIR/summary.txt
+set -u
+export PYTHONPATH=. NCCL_NVLS_ENABLE=0 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+G=${1:?usage: bash tools/gpu/one_gpu.sh OUTDIR}; mkdir -p "$G/logs" "$G/figs"
+TR="python3 -m torch.distributed.run --standalone"
+run() { local name=$1 limit=$2; shift 2; local start=$SECONDS
+  timeout -k 10 "$limit" "$@" > "$G/logs/$name.log" 2>&1
+  echo "$name rc=$? $((SECONDS - start))s" >> "$G/summary.txt"; }
+
+for l in 00_hello 04_scatter 05_hooks; do  # the lessons that accept a world of 1
+  run "nccl1_$l" 120 $TR --nproc-per-node 1 "lessons/$l.py" --backend nccl --out "$G/figs"
+done
+run nccl1_check_00 120 env COURSE_BACKEND=nccl python3 -m lessons.check 00 --solution --nproc 1
+for l in 00_hello 01_groups 02_p2p 03_collectives 04_scatter 05_hooks 06_distill 07_processes \
+         08_rpc 09_weight_update; do
+  run "auto4_$l" 240 $TR --nproc-per-node 4 "lessons/$l.py" --out "$G/figs"
+done
+for n in 00 01 02 03 04 05 06 07 08 09; do
+  run "check_solution_$n" 240 python3 -m lessons.check $n --solution
+done
+run 00_nccl_forced_4_ranks 60 $TR --nproc-per-node 4 lessons/00_hello.py --backend nccl
+cat "$G/summary.txt"
