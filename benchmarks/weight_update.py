@@ -25,6 +25,7 @@ Writes 09_weight_update_<backend>.md (the table), .json (every number) and .png 
 --out (out/). Timing is wall clock on the trainer, whose ack comes after the engine synchronized
 its GPU; the engine's phase times are host clocks of the same machine.
 """
+
 import json
 import runpy
 import statistics
@@ -33,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from course.ranks import AT_LEAST_2, parser, print0, setup
 from course.launcher import ROOT, lesson_path
+from course.ranks import AT_LEAST_2, parser, print0, setup
 from weight_sync.control import engine_client
 from weight_sync.engine import POLL_S, serve_engine
 from weight_sync.model import PRESETS, forward, llama_specs, make_weights, one_weight
@@ -46,8 +47,11 @@ SEED_A, SEED_B = 1, 2  # the engine starts each model as A ("instruct"); the tra
 DTYPE = torch.bfloat16  # the engine's weights, and the trainer's in the zero-copy run
 # The issue's targets, end to end, warm: (seconds at most, fraction of the same run's broadcast
 # GB/s). On gloo the "small" model stands in for a smaller model.
-TARGETS = {("nccl", "llama-3.2-1b"): (12e-3, 0.80), ("nccl", "llama-3.1-8b"): (55e-3, 0.85),
-           ("gloo", "small"): (None, 0.80)}
+TARGETS = {
+    ("nccl", "llama-3.2-1b"): (12e-3, 0.80),
+    ("nccl", "llama-3.1-8b"): (55e-3, 0.85),
+    ("gloo", "small"): (None, 0.80),
+}
 SAMPLED = ("model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight", "lm_head.weight")
 PROMPT = [128000, 791, 6460, 374]  # token ids for the greedy next-token check
 REFERENCE_MAX = 4 << 30  # the same-run reference broadcast: the model's bytes, up to 4 GiB
@@ -58,8 +62,10 @@ def sweep(client, group, sweep_mib):
     the same broadcast_timing through its broadcast_sweep request."""
     sizes = [1 << 20 << 2 * i for i in range(12) if 1 << 2 * i <= sweep_mib]
     repeats = [max(3, min(20, (256 << 20) // size)) for size in sizes]
-    tickets = [client.submit("broadcast_sweep", group_name=group.name, sizes=[s], repeats=r)
-               for s, r in zip(sizes, repeats)]
+    tickets = [
+        client.submit("broadcast_sweep", group_name=group.name, sizes=[s], repeats=r)
+        for s, r in zip(sizes, repeats)
+    ]
     times = [broadcast_timing(group, s, r) for s, r in zip(sizes, repeats)]
     for ticket in tickets:
         ticket.result()
@@ -78,18 +84,24 @@ def timed_naive(client, group, weights, push_naive):
 def run_naive(client, ctx, model, weights, push_naive, repeats, timeout):
     client.call("configure", poll_s=POLL_S)  # the naive engine naps between looks for requests
     start = time.perf_counter()
-    group = create_update_group(client, f"naive-{model}", ctx.backend, ctx.device, warmup=False,
-                                timeout_s=timeout)
+    group = create_update_group(
+        client, f"naive-{model}", ctx.backend, ctx.device, warmup=False, timeout_s=timeout
+    )
     setup_s = time.perf_counter() - start
     runs = [timed_naive(client, group, weights, push_naive) for _ in range(1 + repeats)]
     client.call("configure", poll_s=None)
     recv = [s[1] for s in runs[0][1]]
     first_call = max(0.0, recv[0] - statistics.median(recv[1:]))
-    print0(f"  naive, cold: {runs[0][0] * 1e3:.1f} ms, of which the first broadcast's extra "
-           f"(a group without warm-up) {first_call * 1e3:.1f} ms; the engine received for "
-           f"{sum(recv) * 1e3:.1f} ms in all; the rest is {len(recv)} control round trips")
-    return {"setup_s": setup_s, "cold_s": runs[0][0],
-            "warm_s": statistics.median(r[0] for r in runs[1:])}
+    print0(
+        f"  naive, cold: {runs[0][0] * 1e3:.1f} ms, of which the first broadcast's extra "
+        f"(a group without warm-up) {first_call * 1e3:.1f} ms; the engine received for "
+        f"{sum(recv) * 1e3:.1f} ms in all; the rest is {len(recv)} control round trips"
+    )
+    return {
+        "setup_s": setup_s,
+        "cold_s": runs[0][0],
+        "warm_s": statistics.median(r[0] for r in runs[1:]),
+    }
 
 
 def reference_broadcast(client, group, nbytes):
@@ -102,15 +114,27 @@ def reference_broadcast(client, group, nbytes):
     return seconds / nbytes
 
 
-def run_fast(client, ctx, model, weights, push_update, repeats, timeout, bucket_bytes, label,
-             group=None, nbytes=None):
+def run_fast(
+    client,
+    ctx,
+    model,
+    weights,
+    push_update,
+    repeats,
+    timeout,
+    bucket_bytes,
+    label,
+    group=None,
+    nbytes=None,
+):
     """Group (warmed up) and prepare once, then 1 + repeats updates; returns times and phases.
     With nbytes: after each warm update, a broadcast of nbytes in one message, the same-run
     reference the efficiency is measured against (interleaved: both see the same load)."""
     start = time.perf_counter()
     if group is None:
-        group = create_update_group(client, f"fast-{model}", ctx.backend, ctx.device,
-                                    warmup=True, timeout_s=timeout)
+        group = create_update_group(
+            client, f"fast-{model}", ctx.backend, ctx.device, warmup=True, timeout_s=timeout
+        )
     updater = FastUpdater(client, group, weights, push_update, bucket_bytes=bucket_bytes)
     plan = updater.prepare()
     setup_s = time.perf_counter() - start
@@ -124,36 +148,54 @@ def run_fast(client, ctx, model, weights, push_update, repeats, timeout, bucket_
         if nbytes and i > 0:  # the reference right after each warm update: the same conditions
             references.append(reference_broadcast(client, group, nbytes))
         last = {k: max(a[k] for a in answers) for k in ("picked_up", "data_in", "committed")}
-        phases.append({"push launched": updater.pushed - updater.called,
-                       "control plane": last["picked_up"] - updater.called,
-                       "transfer": last["data_in"] - last["picked_up"],
-                       "verify + commit": last["committed"] - last["data_in"],
-                       "ack": acked - last["committed"]})
+        phases.append(
+            {
+                "push launched": updater.pushed - updater.called,
+                "control plane": last["picked_up"] - updater.called,
+                "transfer": last["data_in"] - last["picked_up"],
+                "verify + commit": last["committed"] - last["data_in"],
+                "ack": acked - last["committed"],
+            }
+        )
     versions = {a["version"] for a in answers}
-    print0(f"  {label}: {len(plan.buckets)} bucket(s) of up to {plan.bucket_bytes >> 20} MiB, "
-           f"engine now at version {sorted(versions)}")
+    print0(
+        f"  {label}: {len(plan.buckets)} bucket(s) of up to {plan.bucket_bytes >> 20} MiB, "
+        f"engine now at version {sorted(versions)}"
+    )
     warm = {k: statistics.median(p[k] for p in phases[1:]) for k in phases[0]}
-    print0("    where the warm time goes (median): " + ", ".join(
-        f"{k} {v * 1e3:.2f} ms" for k, v in warm.items()))
-    row = {"setup_s": setup_s, "cold_s": times[0], "warm_s": statistics.median(times[1:]),
-           "phases": warm, "group": group}
+    print0(
+        "    where the warm time goes (median): "
+        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in warm.items())
+    )
+    row = {
+        "setup_s": setup_s,
+        "cold_s": times[0],
+        "warm_s": statistics.median(times[1:]),
+        "phases": warm,
+        "group": group,
+    }
     if nbytes:  # each warm update against the broadcast just after it, then the median
         row["reference_gbs"] = 1 / statistics.median(references) / 1e9
-        row["efficiency"] = statistics.median(nbytes * ref / t
-                                              for ref, t in zip(references, times[1:]))
+        row["efficiency"] = statistics.median(
+            nbytes * ref / t for ref, t in zip(references, times[1:])
+        )
         size = min(nbytes, REFERENCE_MAX) / 1e9
-        print0(f"    one broadcast of the model's bytes ({size:.2f} GB; 4 GiB at most), right "
-               f"after each warm update (median): {row['reference_gbs']:.2f} GB/s")
+        print0(
+            f"    one broadcast of the model's bytes ({size:.2f} GB; 4 GiB at most), right "
+            f"after each warm update (median): {row['reference_gbs']:.2f} GB/s"
+        )
     flat = plan.flat_source(weights)
     if flat is not None:  # what the trainer's checksums cost alone: one pass over the model
         group.sync()
         start = time.perf_counter()
         for bucket in plan.buckets:
-            checksum_pieces(bucket, flat[bucket.start:bucket.end])
+            checksum_pieces(bucket, flat[bucket.start : bucket.end])
         group.sync()
         row["phases"]["checksums alone (trainer)"] = time.perf_counter() - start
-        print0(f"    the trainer's checksums alone, one pass over the model: "
-               f"{row['phases']['checksums alone (trainer)'] * 1e3:.2f} ms")
+        print0(
+            f"    the trainer's checksums alone, one pass over the model: "
+            f"{row['phases']['checksums alone (trainer)'] * 1e3:.2f} ms"
+        )
     return row
 
 
@@ -168,8 +210,10 @@ def check_engine(client, shape, model_b, device, label):
     tokens = {a["token"] for a in client.call("generate", tokens=prompt)}
     expected = int(forward({k: v.to(DTYPE) for k, v in model_b.items()}, shape, prompt).argmax())
     assert tokens == {expected}, f"{label}: the engine says {tokens}, the reference {expected}"
-    print0(f"  checked: {label}: sampled weights read back equal the trainer's B and differ from "
-           f"A; greedy next token {expected} on every engine rank, as the reference")
+    print0(
+        f"  checked: {label}: sampled weights read back equal the trainer's B and differ from "
+        f"A; greedy next token {expected} on every engine rank, as the reference"
+    )
 
 
 def benchmark_model(client, ctx, args, model, best_gbs, functions):
@@ -181,29 +225,60 @@ def benchmark_model(client, ctx, args, model, best_gbs, functions):
     nbytes = sum(e.nbytes for e in layout.entries)
     print0(f"{model}: {len(layout.entries)} tensors, {nbytes / 1e6:.1f} MB in {DTYPE}")
     bucket_bytes = int(args.bucket_mib * (1 << 20))
-    rows = {"naive": run_naive(client, ctx, model, model_b, functions["push_naive"],
-                               args.repeats, timeout)}
+    rows = {
+        "naive": run_naive(
+            client, ctx, model, model_b, functions["push_naive"], args.repeats, timeout
+        )
+    }
     check_engine(client, shape, model_b, ctx.device, "naive")
     client.call("load_model", preset=model, seed=SEED_A, dtype=str(DTYPE))  # back to A
-    rows["fast"] = run_fast(client, ctx, model, model_b, functions["push_update"], args.repeats,
-                            timeout, bucket_bytes, "fast, bf16 flat buffer (zero copy)",
-                            nbytes=nbytes)
+    rows["fast"] = run_fast(
+        client,
+        ctx,
+        model,
+        model_b,
+        functions["push_update"],
+        args.repeats,
+        timeout,
+        bucket_bytes,
+        "fast, bf16 flat buffer (zero copy)",
+        nbytes=nbytes,
+    )
     reference_gbs = rows["fast"]["reference_gbs"]
     check_engine(client, shape, model_b, ctx.device, "fast")
     if not args.no_fp32:  # a float32 trainer: pack, convert on send, two buffers in turn
         model_f32 = make_weights(shape, SEED_B, ctx.device)
         rows["fast, fp32 trainer"] = run_fast(
-            client, ctx, model, model_f32, functions["push_update"], args.repeats, timeout,
-            bucket_bytes, "fast, float32 trainer (convert on send)", rows["fast"]["group"])
+            client,
+            ctx,
+            model,
+            model_f32,
+            functions["push_update"],
+            args.repeats,
+            timeout,
+            bucket_bytes,
+            "fast, float32 trainer (convert on send)",
+            rows["fast"]["group"],
+        )
         check_engine(client, shape, model_b, ctx.device, "fast, fp32 trainer")
         del model_f32
     out = []
     for path, row in rows.items():
         row.pop("group", None)
         gbs = nbytes / row["warm_s"] / 1e9
-        out.append({"model": model, "path": path, "tensors": len(layout.entries),
-                    "gb": nbytes / 1e9, "efficiency": gbs / reference_gbs, **row, "gbs": gbs,
-                    "reference_gbs": reference_gbs, "of_sweep_best": gbs / best_gbs})
+        out.append(
+            {
+                "model": model,
+                "path": path,
+                "tensors": len(layout.entries),
+                "gb": nbytes / 1e9,
+                "efficiency": gbs / reference_gbs,
+                **row,
+                "gbs": gbs,
+                "reference_gbs": reference_gbs,
+                "of_sweep_best": gbs / best_gbs,
+            }
+        )
     del flat, model_b
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -226,19 +301,25 @@ def verdict(backend, row):
 
 
 def table(rows, backend, device_name):
-    lines = [f"Weight update, {backend} on {device_name}: end to end from the trainer's call to "
-             "every engine rank's acknowledged new version; warm = median of the warm updates. "
-             "Efficiency: GB/s against one broadcast of the model's bytes (4 GiB at most) timed "
-             "in the same run right after each warm update (fast: the median of those ratios; "
-             "the other paths: against their median), and against the sweep's best of 64 MiB "
-             "and up.", "",
-             "| model | path | tensors | MB | set-up ms | cold ms | warm ms | GB/s | efficiency "
-             "| of sweep best | target |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Weight update, {backend} on {device_name}: end to end from the trainer's call to "
+        "every engine rank's acknowledged new version; warm = median of the warm updates. "
+        "Efficiency: GB/s against one broadcast of the model's bytes (4 GiB at most) timed "
+        "in the same run right after each warm update (fast: the median of those ratios; "
+        "the other paths: against their median), and against the sweep's best of 64 MiB "
+        "and up.",
+        "",
+        "| model | path | tensors | MB | set-up ms | cold ms | warm ms | GB/s | efficiency "
+        "| of sweep best | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['path']} | {r['tensors']} | {r['gb'] * 1e3:.1f} | "
-                     f"{r['setup_s'] * 1e3:.1f} | {r['cold_s'] * 1e3:.1f} | {r['warm_s'] * 1e3:.1f}"
-                     f" | {r['gbs']:.2f} | {r['efficiency']:.0%} | {r['of_sweep_best']:.0%} | "
-                     f"{verdict(backend, r)} |")
+        lines.append(
+            f"| {r['model']} | {r['path']} | {r['tensors']} | {r['gb'] * 1e3:.1f} | "
+            f"{r['setup_s'] * 1e3:.1f} | {r['cold_s'] * 1e3:.1f} | {r['warm_s'] * 1e3:.1f}"
+            f" | {r['gbs']:.2f} | {r['efficiency']:.0%} | {r['of_sweep_best']:.0%} | "
+            f"{verdict(backend, r)} |"
+        )
     return "\n".join(lines)
 
 
@@ -258,8 +339,13 @@ def plot(rows, path, title):
         ax.bar(x, warm, color="tab:blue", label="warm (median)")
         for i, ms in zip(x, warm):
             ax.annotate(f"{ms:.3g} ms", (i, ms), ha="center", va="bottom", fontsize=8)
-        ax.scatter(x, [mine[p]["cold_s"] * 1e3 for p in paths], color="tab:red", zorder=3,
-                   label="cold (first update)")
+        ax.scatter(
+            x,
+            [mine[p]["cold_s"] * 1e3 for p in paths],
+            color="tab:red",
+            zorder=3,
+            label="cold (first update)",
+        )
         floor = mine[paths[0]]["gb"] / mine[paths[0]]["reference_gbs"] * 1e3
         ax.axhline(floor, color="gray", linestyle="--", label="one broadcast of the model")
         ax.set_yscale("log")
@@ -285,14 +371,19 @@ def load_functions(solution):
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--models", help="comma-separated PRESETS (default: small on gloo, "
-                                    "llama-3.2-1b,llama-3.1-8b on nccl)")
+    p.add_argument(
+        "--models",
+        help="comma-separated PRESETS (default: small on gloo, llama-3.2-1b,llama-3.1-8b on nccl)",
+    )
     p.add_argument("--sweep-mib", type=int, help="largest broadcast of the sweep (256 / 4096)")
     p.add_argument("--bucket-mib", type=float, help="fast path bucket size (256 gloo, 512 nccl)")
     p.add_argument("--repeats", type=int, default=5, help="warm updates timed (median)")
     p.add_argument("--no-fp32", action="store_true", help="skip the float32-trainer run")
-    p.add_argument("--solution", default=str(ROOT / "solutions" / "09_weight_update.py"),
-                   help="file with your pack_bucket and push_update")
+    p.add_argument(
+        "--solution",
+        default=str(ROOT / "solutions" / "09_weight_update.py"),
+        help="file with your pack_bucket and push_update",
+    )
     args = p.parse_args()
     functions = load_functions(args.solution)  # before any rank starts: a bad file fails fast
     with setup(args, AT_LEAST_2, trace=args.trace) as ctx:
@@ -303,9 +394,17 @@ def main():
         # hides nothing and each message costs; NCCL: 512 MiB runs at the link's rate.
         args.bucket_mib = args.bucket_mib or (512 if gpu else 256)
         if ctx.rank > 0:
-            serve_engine(ctx.rank - 1, ctx.world_size - 1, ctx.backend, ctx.device,
-                         preset="tiny", seed=SEED_A, dtype=DTYPE, timeout_s=args.timeout,
-                         quiet=True)
+            serve_engine(
+                ctx.rank - 1,
+                ctx.world_size - 1,
+                ctx.backend,
+                ctx.device,
+                preset="tiny",
+                seed=SEED_A,
+                dtype=DTYPE,
+                timeout_s=args.timeout,
+                quiet=True,
+            )
             return
         client = engine_client(args.timeout)
         try:
@@ -316,10 +415,13 @@ def main():
 
 def run(client, ctx, args, models, functions):
     device_name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "CPU"
-    print0(f"trainer: rank 0 on {ctx.device}; engine: TP={client.tp_size} on the other ranks "
-           f"({device_name}); backend {ctx.backend}")
-    group = create_update_group(client, "sweep", ctx.backend, ctx.device, warmup=True,
-                                timeout_s=args.timeout)
+    print0(
+        f"trainer: rank 0 on {ctx.device}; engine: TP={client.tp_size} on the other ranks "
+        f"({device_name}); backend {ctx.backend}"
+    )
+    group = create_update_group(
+        client, "sweep", ctx.backend, ctx.device, warmup=True, timeout_s=args.timeout
+    )
     points = sweep(client, group, args.sweep_mib)
     big = [(size, t) for size, t in points if size >= 64 << 20] or points  # bandwidth, not latency
     best_gbs = max(size / t for size, t in big) / 1e9
@@ -332,9 +434,18 @@ def run(client, ctx, args, models, functions):
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"09_weight_update_{ctx.backend}"
     stem.with_suffix(".md").write_text(text + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"backend": ctx.backend, "device": device_name, "sweep": points, "best_gbs": best_gbs,
-         "rows": rows}, indent=1))
+    stem.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "backend": ctx.backend,
+                "device": device_name,
+                "sweep": points,
+                "best_gbs": best_gbs,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     plot(rows, stem.with_suffix(".png"), f"weight update, {ctx.backend} on {device_name}")
     print0(f"wrote {stem}.md, .json, .png")
 

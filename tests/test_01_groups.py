@@ -3,6 +3,7 @@ purpose; it must fail by itself within its short group timeout (not be stopped b
 launcher), say on every rank what went wrong, and leave no process behind."""
 
 import pytest
+
 from conftest import ROOT, run_ranks, text
 
 LESSON = ROOT / "lessons" / "01_groups.py"

@@ -5,9 +5,10 @@ behind. Each runs its first documented command ("Run it"), on gloo."""
 import re
 
 import pytest
-from conftest import ROOT, line_of, run_ranks, text
 
 from lessons.broken import documented_runs
+
+from conftest import ROOT, line_of, run_ranks, text
 
 BROKEN = ROOT / "lessons" / "broken"
 PROGRAMS = sorted(BROKEN.glob("[a-z]*.py"))

@@ -8,7 +8,6 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, reference_student, run_ranks, text
 
 from course import launcher
 from distill_demo.__main__ import parse_args, validate
@@ -17,6 +16,8 @@ from distill_demo.knowledge import kl_full, kl_topk, teacher_message
 from distill_demo.models import make_student, make_teacher
 from distill_demo.report import CheckFailed, Progress, check_loss_fell
 from distill_demo.train import RECIPES, pretrain
+
+from conftest import ROOT, reference_student, run_ranks, text
 
 ENV = {"PYTHONPATH": str(ROOT)}  # so `-m distill_demo` is found from any working directory
 SMALL = ["--steps", 4, "--teacher-steps", 3]  # a few steps: enough to tell a wrong answer

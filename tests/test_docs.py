@@ -12,6 +12,7 @@ import sys
 import threading
 
 import pytest
+
 from conftest import LESSONS, ROOT, lesson_ids
 
 MKDOCS = ROOT / "mkdocs.yml"

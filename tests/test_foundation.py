@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import torch
-from conftest import PROGRAMS, ROOT, free_port, line_of, run_python, run_ranks, text
 
 from course import launcher, ranks
+
+from conftest import PROGRAMS, ROOT, free_port, line_of, run_python, run_ranks, text
 
 HELLO = ROOT / "lessons" / "00_hello.py"
 

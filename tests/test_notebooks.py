@@ -9,12 +9,13 @@ import time
 
 import nbformat
 import pytest
-from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
 from course import launcher
 from course.check import load
+
+from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
 
 make_notebooks = load(ROOT / "tools" / "make_notebooks.py")  # a script, not a package
 NOTEBOOKS = ROOT / "notebooks"

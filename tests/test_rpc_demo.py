@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, reference_student, run_ranks, text
 
 from course import launcher
 from distill_demo.comms import Layout
@@ -18,6 +17,8 @@ from distill_demo.reference import check_against_reference
 from distill_demo.train import Config
 from rpc_demo.__main__ import main, parse_args, validate
 from rpc_demo.worlds import Failed, Worker, gpu_index, role_world
+
+from conftest import ROOT, reference_student, run_ranks, text
 
 ENV = {"PYTHONPATH": str(ROOT), "COURSE_BACKEND": "gloo"}
 SMALL = ["--steps", 4, "--teacher-steps", 3]  # a few steps: enough to tell a wrong answer

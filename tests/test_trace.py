@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import LESSONS, lesson_ids, run_ranks, text
 
 from course import trace
+
+from conftest import LESSONS, lesson_ids, run_ranks, text
 
 # A known pattern: 4 ranks, an all_reduce of 64 Ki floats, then a ring of sends on a pair group
 # whose group ranks differ from the global ranks (so the merge has to find the real peers).
