@@ -3,12 +3,28 @@ function, so a program that draws nothing never pays for importing it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from course.ranks import Rank
+
+
+Box = dict  # one span on a timeline: start, end, color, ... (timeline()'s docstring)
 
 
 def timeline(
-    panels, path, title="", xlabel="ms", arrows=(), window=None, legend=None, width=9.0, lane=0.55
-):
+    panels: dict[str, dict[str, list[Box]]],
+    path: str | Path,
+    title: str = "",
+    xlabel: str = "ms",
+    arrows: Sequence[tuple[Box, Box, bool]] = (),
+    window: tuple[float, float] | None = None,
+    legend: Sequence[str] | None = None,
+    width: float = 9.0,
+    lane: float = 0.55,
+) -> None:
     """The one timeline picture: per panel, a lane per rank, a box per span of time in it.
     Lesson 05's all_reduce launches, distill_demo's phases and course/trace.py's merged
     trace are all drawn by it.
@@ -105,7 +121,7 @@ def timeline(
     fig.savefig(path)
 
 
-def ddp_timeline(events, path):
+def ddp_timeline(events: list[tuple], path: str | Path) -> None:
     """Lesson 05, a collective: every rank passes its log of one step, as (step, what, which,
     time); rank 0 draws a lane per rank, saves it to `path` and says so. A lane: backward, with
     a tick where each all_reduce started, then the wait in finish(), in ms since that rank's
@@ -150,7 +166,7 @@ def ddp_timeline(events, path):
     print0(f"saved {path}")
 
 
-def plot_losses(curves, path, title):
+def plot_losses(curves: dict[str, list[float]], path: str | Path, title: str) -> None:
     """distill_demo, rpc_demo: curves {label: [loss per step]} -> one line each."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -165,7 +181,7 @@ def plot_losses(curves, path, title):
     fig.savefig(path)
 
 
-def plot_bench(rows, path, title):
+def plot_bench(rows: list[dict], path: str | Path, title: str) -> None:
     """distill_demo --bench: rows, dicts with mode, overlap, step_ms, bytes -> step time per
     mode, overlap off and on, and bytes per step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -197,7 +213,7 @@ def plot_bench(rows, path, title):
     fig.savefig(path)
 
 
-def size_text(nbytes):
+def size_text(nbytes: int) -> str:
     """A message size as people say it: 4096 -> "4 KiB"."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
@@ -205,7 +221,7 @@ def size_text(nbytes):
     return f"{nbytes} B"
 
 
-def plot_bandwidth(rows, path, title):
+def plot_bandwidth(rows: list[dict], path: str | Path, title: str) -> None:
     """Lesson 03 --bench: rows, dicts with op, bytes and busbw -> busbw over message size, a
     line per collective."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -234,7 +250,13 @@ BENCH_SIZES = {
 }
 
 
-def bandwidth_sweep(ctx, ops, bus_factor, out, time_collective):
+def bandwidth_sweep(
+    ctx: Rank,
+    ops: Sequence[str],
+    bus_factor: dict[str, Callable[[int], float]],
+    out: str | Path,
+    time_collective: Callable[[Rank, str, int], float],
+) -> None:
     """Lesson 03 --bench: time_collective(ctx, op, nbytes) for each of `ops` over BENCH_SIZES;
     print algbw and busbw = algbw * bus_factor[op](n), as nccl-tests reports them; check that
     the largest size moves real data; on rank 0 save the rows as OUT/03_bandwidth.json and draw
