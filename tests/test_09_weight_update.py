@@ -164,6 +164,22 @@ def test_exercise_check_on_tp_1_and_2(nproc):
     assert status == {"09.1": "mismatch"}, "\n".join(lines)
 
 
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("checksums", "the table is (49,) torch.int64, expected (90,) torch.int64: one per piece"),
+        ("waits", "at most 1 send in flight: each waited for before the next is launched"),
+    ],
+)
+def test_exercise_check_says_what_is_wrong(name, says):
+    """Per-bucket checksums where broadcast-then-slice needs each shard's: a mismatch naming the
+    checksum table, never a crash of the check itself. Waiting after every send: right bytes,
+    but it skips the point of 09.1, so a mismatch saying the sends must overlap."""
+    status, lines = run_check(["09.1"], ROOT / "tests" / "wrong" / f"09_weight_update_{name}.py")
+    assert status == {"09.1": "mismatch"}, "\n".join(lines)
+    assert says in "\n".join(lines), "\n".join(lines)
+
+
 def test_every_collective_agrees_in_dtype_and_count(tmp_path, monkeypatch):
     """NCCL needs each rank's tensors of one collective to agree in dtype and element count;
     gloo only needs the bytes to. The lesson (TP=3: naive path, TP forward, read-back, timing)
