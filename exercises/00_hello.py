@@ -1,10 +1,15 @@
 """Checks for lesson 00's exercises (lessons/00_hello.py). Run them: python -m lessons.check 00
 
 Each check runs on every rank, calls the learner's function and returns (yours, expected), the
-expected value computed in one process, without collectives.
+expected value computed in one process, without collectives. It also watches how your function
+gets there (unittest.mock: each watched torch.distributed function works as before and counts
+its calls), so that an answer which skips what the exercise teaches fails, saying why.
 """
 
+from unittest import mock
+
 import torch
+import torch.distributed as dist
 
 
 def check_mean_over_ranks(ctx, mean_over_ranks):
@@ -13,11 +18,16 @@ def check_mean_over_ranks(ctx, mean_over_ranks):
         torch.arange(6.0, device=ctx.device).reshape(2, 3) * (r + 1) for r in range(ctx.world_size)
     ]  # rank r holds inputs[r]
     x = inputs[ctx.rank].clone()
-    yours = mean_over_ranks(x)
+    with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+        yours = mean_over_ranks(x)
+    one = all_reduce.call_count == 1 or (
+        f"no: it called dist.all_reduce {all_reduce.call_count} times; the exercise asks for "
+        "exactly one (every rank's x summed in one collective)"
+    )
     expected = torch.stack(inputs).mean(dim=0)
     return (
-        {"result": yours, "x afterwards": x},
-        {"result": expected, "x afterwards": inputs[ctx.rank]},
+        {"result": yours, "x afterwards": x, "one all_reduce": one},
+        {"result": expected, "x afterwards": inputs[ctx.rank], "one all_reduce": True},
     )
 
 

@@ -1,14 +1,40 @@
 """Checks for lesson 03's exercises (lessons/03_collectives.py): python -m lessons.check 03
 
 Each check runs on every rank, calls the learner's function and returns (yours, expected), the
-expected value computed in one process, without collectives.
+expected value computed in one process, without collectives. It also watches how your function
+gets there (unittest.mock: dist.all_reduce works as before and keeps a list of its calls), so
+that an answer which skips what the exercise teaches fails, saying why.
 """
 
+from unittest import mock
+
 import torch
+import torch.distributed as dist
 
 from course.check import lesson_module
 
 lesson = lesson_module("03")  # lessons/03_collectives.py, for SEED and VECTOR_LEN
+
+
+def sharded(function, shard, rows):
+    """Your function on this rank's shard, and whether it shared only what the exercise asks
+    for: two all_reduces (a max, then a sum) of one number per row, never the numbers themselves.
+    Returns (its result, True or what it did instead)."""
+    with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+        result = function(shard)
+    sizes = [
+        getattr(call.args[0] if call.args else call.kwargs.get("tensor"), "numel", int)()
+        for call in all_reduce.call_args_list
+    ]
+    if len(sizes) == 2 and max(sizes) <= rows:
+        return result, True
+    each = "1 number each" if rows == 1 else f"{rows} numbers each, one per row"
+    return result, (
+        f"no: it called dist.all_reduce {len(sizes)} times"
+        + (f", on {sizes} numbers" if sizes else "")
+        + f"; the exercise shares only a max and a sum (two all_reduces of {each}), never "
+        "the shards themselves"
+    )
 
 
 def check_sharded_softmax(ctx, sharded_softmax):
@@ -16,9 +42,12 @@ def check_sharded_softmax(ctx, sharded_softmax):
     g = torch.Generator().manual_seed(lesson.SEED + 1)
     full = torch.randn(lesson.VECTOR_LEN, generator=g) * 3 + 100  # exp() of these overflows
     shard = full.tensor_split(ctx.world_size)[ctx.rank]
-    yours = sharded_softmax(shard.to(ctx.device))
+    yours, shared = sharded(sharded_softmax, shard.to(ctx.device), rows=1)
     expected = torch.softmax(full.double(), 0).float().tensor_split(ctx.world_size)[ctx.rank]
-    return yours, expected
+    return (
+        {"result": yours, "shared only a max and a sum": shared},
+        {"result": expected, "shared only a max and a sum": True},
+    )
 
 
 def check_vocab_parallel_logsumexp(ctx, vocab_parallel_logsumexp):
@@ -26,8 +55,14 @@ def check_vocab_parallel_logsumexp(ctx, vocab_parallel_logsumexp):
     g = torch.Generator().manual_seed(lesson.SEED + 2)
     full = torch.randn(3, 40, generator=g) * 3 + 100  # 3 rows, a vocabulary of 40
     mine = full.tensor_split(ctx.world_size, dim=1)[ctx.rank]
-    yours = vocab_parallel_logsumexp(mine.to(ctx.device))
-    return yours, torch.logsumexp(full.double(), dim=1).float()
+    yours, shared = sharded(vocab_parallel_logsumexp, mine.to(ctx.device), rows=3)
+    return (
+        {"result": yours, "shared only a max and a sum per row": shared},
+        {
+            "result": torch.logsumexp(full.double(), dim=1).float(),
+            "shared only a max and a sum per row": True,
+        },
+    )
 
 
 # Exercise id -> (its check, the function(s) you write, defined in the lesson).

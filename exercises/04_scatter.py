@@ -1,27 +1,56 @@
 """Checks for lesson 04's exercises (lessons/04_scatter.py): python -m lessons.check 04
 
 Each check runs on every rank, calls the learner's functions and returns (yours, expected), the
-expected value computed in one process, without collectives.
+expected value computed in one process, without collectives. It also watches how your functions
+get there (unittest.mock: each watched torch.distributed function works as before and counts
+its calls), so that an answer which skips what the exercise teaches fails, saying why.
 """
 
+from unittest import mock
+
 import torch
+import torch.distributed as dist
 
 from course.check import lesson_module
 
 lesson = lesson_module("04")  # lessons/04_scatter.py, for SEED and held_bytes()
 
 
+def watching(*names):
+    """For a `with` block: these torch.distributed functions work as before and count calls."""
+    return mock.patch.multiple(
+        dist, **{name: mock.Mock(wraps=getattr(dist, name)) for name in names}
+    )
+
+
 def check_shard_rows(ctx, shard_rows, unshard_rows):
-    """Shard a [4n, 6] tensor from the last rank, reassemble it; check the data and the bytes."""
+    """Shard a [4n, 6] tensor from the last rank, reassemble it; check the data, the bytes, and
+    that scatter did the sharding and all_gather the way back."""
     n, rank = ctx.world_size, ctx.rank
     full = torch.randn(4 * n, 6, generator=torch.Generator().manual_seed(lesson.SEED))
     src = n - 1  # not rank 0: your code must use src
-    piece = shard_rows(
-        full.to(ctx.device) if rank == src else None, torch.empty(4, 6, device=ctx.device), src
+    with watching("scatter", "broadcast"):
+        piece = shard_rows(
+            full.to(ctx.device) if rank == src else None, torch.empty(4, 6, device=ctx.device), src
+        )
+        calls = {name: getattr(dist, name).call_count for name in ("scatter", "broadcast")}
+    one_scatter = calls == {"scatter": 1, "broadcast": 0} or (
+        f"no: calls made: {', '.join(f'dist.{k} {v}' for k, v in calls.items())}; the exercise "
+        "fills `piece` with one scatter: each rank receives its own rows, never the whole tensor"
     )
-    back = unshard_rows(piece)
-    yours = {"piece": piece, "bytes behind the piece": lesson.held_bytes([piece]), "whole": back}
-    expected = {"piece": full.chunk(n)[rank], "bytes behind the piece": 4 * 6 * 4, "whole": full}
+    # The way back starts from the right piece, whatever yours was: each function on its own.
+    with watching("all_reduce", "broadcast"):
+        back = unshard_rows(full.chunk(n)[rank].clone().to(ctx.device))
+        calls = {name: getattr(dist, name).call_count for name in ("all_reduce", "broadcast")}
+    gathered = not any(calls.values()) or (
+        f"no: calls made: {', '.join(f'dist.{k} {v}' for k, v in calls.items())}; the way back "
+        "is all_gather: each rank sends its own rows, and nothing is added up"
+    )
+    held = lesson.held_bytes([piece]) if isinstance(piece, torch.Tensor) else "not a tensor"
+    yours = {"piece": piece, "bytes behind the piece": held, "one scatter": one_scatter}
+    expected = {"piece": full.chunk(n)[rank], "bytes behind the piece": 4 * 6 * 4}
+    yours |= {"whole": back, "all_gather, no all_reduce or broadcast": gathered}
+    expected |= {"one scatter": True, "whole": full, "all_gather, no all_reduce or broadcast": True}
     return yours, expected
 
 

@@ -1,8 +1,12 @@
 """Checks for lesson 06's exercises (lessons/06_distill.py). Run them: python -m lessons.check 06
 
 Each check runs on every rank, calls the learner's function and returns (yours, expected), the
-expected value computed in one process, without collectives.
+expected value computed in one process, without collectives. It also watches how your function
+gets there (unittest.mock: dist.all_reduce works as before and counts its calls), so that an
+answer which skips what the exercise teaches fails, saying why.
 """
+
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -13,7 +17,11 @@ lesson = lesson_module("06")
 
 
 def flat_grads(model):
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    """Every .grad in one vector (NaN where a .grad is None)."""
+    grads = [
+        torch.full_like(p, torch.nan) if p.grad is None else p.grad for p in model.parameters()
+    ]
+    return torch.cat([grad.reshape(-1) for grad in grads])
 
 
 def check_bucketed_dp_step(ctx, bucketed_dp_step):
@@ -33,16 +41,27 @@ def check_bucketed_dp_step(ctx, bucketed_dp_step):
     make_student = lambda: lesson.make_model(lesson.STUDENT_WIDTH, lesson.STUDENT_SEED)
     yours, expected = (make_student().to(ctx.device) for _ in range(2))
     yours_opt, expected_opt = (lesson.make_optimizer(m, 2)[0] for m in (yours, expected))
+    all_reduces = []  # per step: how many dist.all_reduce calls yours made
     for step in range(2):  # two steps: the second uses Adam's state from the first
         yours_opt.zero_grad()
         backward(yours, [ctx.rank], step)  # my batch only
-        bucketed_dp_step(yours, yours_opt, group)
+        with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as all_reduce:
+            bucketed_dp_step(yours, yours_opt, group)
+        all_reduces.append(all_reduce.call_count)
         expected_opt.zero_grad()
         backward(expected, mine, step)  # the whole half's batches, in this one process
         expected_opt.step()
+    one = all_reduces == [1, 1] or (
+        f"no: it called dist.all_reduce {all_reduces} times in steps 0 and 1; the exercise "
+        "flattens every .grad into one bucket and all_reduces it once per step"
+    )
     return [
-        {"weights after 2 steps": lesson.flat_weights(m), "averaged gradient": flat_grads(m)}
-        for m in (yours, expected)
+        {
+            "weights after 2 steps": lesson.flat_weights(m),
+            "averaged gradient": flat_grads(m),
+            "one all_reduce per step": said,
+        }
+        for m, said in ((yours, one), (expected, True))
     ]
 
 

@@ -83,8 +83,7 @@ def hook_order(device):
 # --8<-- [start:lost]
 def lost_hook(device):
     """Register a hook on an AccumulateGrad node without keeping the node, then with."""
-    w = torch.nn.Parameter(torch.ones(2, device=device))
-    calls = []
+    w, calls = torch.nn.Parameter(torch.ones(2, device=device)), []
     # Nothing refers to this node after the line ends, so it is freed: w points to its node
     # only weakly. The next forward finds no node and makes a fresh one, with no hook.
     w.expand_as(w).grad_fn.next_functions[0][0].register_hook(lambda *_: calls.append("lost"))
@@ -142,16 +141,15 @@ def overlap_ddp(model, log):
     """DDP from scratch, one bucket per parameter: the moment backward has written p.grad, start
     an all_reduce of it in the background and let backward carry on. log(what, which) records
     each step. Returns finish(): wait for every all_reduce; call it before optimizer.step()."""
-    world_size = dist.get_world_size()
-    pending, grad_accs = [], []  # the all_reduces started during this backward; the nodes
+    pending, grad_accs = [], []  # (name, all_reduce) per hook fired in this backward; the nodes
     for name, p in model.named_parameters():
 
         def hook(*_, name=name, p=p):
             log("hook", name)
-            p.grad.div_(world_size)  # each rank's loss is a mean over its share: average them
+            p.grad.div_(dist.get_world_size())  # each rank's loss is a mean: average them too
             # Every rank's backward runs the same graph, so the hooks fire, and the all_reduces
             # start, in the same order on every rank, as collectives must.
-            pending.append(dist.all_reduce(p.grad, async_op=True))
+            pending.append((name, dist.all_reduce(p.grad, async_op=True)))
             log("launch", name)
 
         acc = p.expand_as(p).grad_fn.next_functions[0][0]
@@ -160,7 +158,10 @@ def overlap_ddp(model, log):
     model.grad_accs = grad_accs  # keep the nodes as long as the model (see lost_hook)
 
     def finish():
-        for work in pending:
+        # No gradient (a parameter outside the loss): no hook, no all_reduce. Stop, as DDP does.
+        if missing := [name for name, _ in model.named_parameters() if name not in dict(pending)]:
+            raise RuntimeError(f"no gradient for {missing}: make every rank's loss use them")
+        for _, work in pending:
             work.wait()  # on GPU this makes the next kernels wait for NCCL; the CPU goes on
         log("waited", f"{len(pending)} all_reduces")
         pending.clear()
@@ -181,8 +182,7 @@ def train(ctx, make_ddp, steps=STEPS):
     mine = slice(ctx.rank * LOCAL_BATCH, (ctx.rank + 1) * LOCAL_BATCH)  # my share of a batch
     for step in range(steps):
         g = torch.Generator().manual_seed(SEED + 1 + step)  # the full batch, alike on all ranks
-        x, y = (torch.randn(LOCAL_BATCH * ctx.world_size, WIDTH, generator=g) for _ in range(2))
-        x, y = x.to(ctx.device), y.to(ctx.device)
+        x, y = torch.randn(2, LOCAL_BATCH * ctx.world_size, WIDTH, generator=g).to(ctx.device)
         events.append((step, "backward", "starts", time.perf_counter()))
         F.mse_loss(model(x[mine]), y[mine]).backward()  # the hooks start all_reduces meanwhile
         events.append((step, "backward", "returns", time.perf_counter()))
@@ -214,17 +214,17 @@ def run_ddp(ctx, out):
 def bucketed_ddp(model, bucket_bytes: int, log):
     """Exercise 05.1: overlap_ddp with buckets, as torch's DDP does: fewer, bigger all_reduces.
 
-    Go through model.named_parameters() in reverse (backward reaches the last layer first)
-    and fill buckets: a parameter joins the current bucket unless that takes it past
-    bucket_bytes; then it starts the next one. On each parameter's AccumulateGrad node register
-    a hook that calls log("hook", name). When a bucket's last gradient is in, flatten the
-    bucket's gradients into one tensor, start one async all_reduce of it (to an average) and
-    call log("launch", bucket index); launch buckets in index order. Keep the nodes alive.
-    Return finish(): wait for every bucket, copy the averages into p.grad, reset for next step.
+    Fill buckets from model.named_parameters() in reverse (backward reaches the last layer
+    first): a parameter joins the current bucket unless that takes it past bucket_bytes. On
+    each parameter's AccumulateGrad node (keep the nodes alive) register a hook that calls
+    log("hook", name). When a bucket's last gradient is in, start one async all_reduce of its
+    gradients flattened into one tensor (to an average), call log("launch", bucket index);
+    launch in index order. Return finish(): raise RuntimeError naming every parameter whose
+    hook did not fire this step; else wait for every bucket, copy the averages into p.grad, reset.
     """
     # YOUR CODE BELOW
     raise NotImplementedError(
-        "Exercise 05.1: buckets, AccumulateGrad hooks, one all_reduce per bucket (about 30 lines)"
+        "Exercise 05.1: buckets, AccumulateGrad hooks, one all_reduce per bucket (about 40 lines)"
     )
     # --8<-- [end:ex-05-1]
 

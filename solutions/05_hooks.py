@@ -12,13 +12,13 @@ import torch.distributed as dist
 def bucketed_ddp(model, bucket_bytes: int, log):
     """Exercise 05.1: overlap_ddp with buckets, as torch's DDP does: fewer, bigger all_reduces.
 
-    Go through model.named_parameters() in reverse (backward reaches the last layer first)
-    and fill buckets: a parameter joins the current bucket unless that takes it past
-    bucket_bytes; then it starts the next one. On each parameter's AccumulateGrad node register
-    a hook that calls log("hook", name). When a bucket's last gradient is in, flatten the
-    bucket's gradients into one tensor, start one async all_reduce of it (to an average) and
-    call log("launch", bucket index); launch buckets in index order. Keep the nodes alive.
-    Return finish(): wait for every bucket, copy the averages into p.grad, reset for next step.
+    Fill buckets from model.named_parameters() in reverse (backward reaches the last layer
+    first): a parameter joins the current bucket unless that takes it past bucket_bytes. On
+    each parameter's AccumulateGrad node (keep the nodes alive) register a hook that calls
+    log("hook", name). When a bucket's last gradient is in, start one async all_reduce of its
+    gradients flattened into one tensor (to an average), call log("launch", bucket index);
+    launch in index order. Return finish(): raise RuntimeError naming every parameter whose
+    hook did not fire this step; else wait for every bucket, copy the averages into p.grad, reset.
     """
     # YOUR CODE BELOW
     world_size = dist.get_world_size()
@@ -30,7 +30,7 @@ def bucketed_ddp(model, bucket_bytes: int, log):
             used = 0
         buckets[-1].append((name, p))
         used += size
-    arrived = [0] * len(buckets)  # gradients in so far, per bucket
+    arrived, fired = [0] * len(buckets), set()  # gradients in so far, per bucket; their names
     started = []  # (work, flat gradients) per launched bucket; len(started) = next to launch
 
     def launch_ready():  # in index order: a bucket waits for the ones before it
@@ -47,6 +47,7 @@ def bucketed_ddp(model, bucket_bytes: int, log):
             def hook(*_, i=i, name=name):
                 log("hook", name)
                 arrived[i] += 1
+                fired.add(name)
                 launch_ready()
 
             acc = p.expand_as(p).grad_fn.next_functions[0][0]
@@ -55,6 +56,17 @@ def bucketed_ddp(model, bucket_bytes: int, log):
     model.grad_accs = grad_accs  # without this the nodes die and no hook ever fires
 
     def finish():
+        # A parameter outside the loss gets no gradient and fires no hook: its bucket never
+        # launches, nor does any later one (they go in order), and the ranks would drift apart
+        # without a word. torch's DDP stops here too (unless find_unused_parameters=True, which
+        # looks for such parameters after forward and all_reduces their buckets regardless).
+        missing = [name for bucket in buckets for name, _ in bucket if name not in fired]
+        if missing:
+            raise RuntimeError(
+                f"rank {dist.get_rank()}: no gradient reached {missing} in this backward, so "
+                f"bucket {len(started)} and every later one were never all_reduced. Make every "
+                "parameter part of the loss on every rank, or take it out of the model."
+            )
         for (work, flat), bucket in zip(started, buckets):
             work.wait()
             grads = flat.split([p.numel() for _, p in bucket])
@@ -62,6 +74,7 @@ def bucketed_ddp(model, bucket_bytes: int, log):
                 p.grad.copy_(grad.view_as(p))
         started.clear()
         arrived[:] = [0] * len(buckets)
+        fired.clear()
 
     return finish
     # --8<-- [end:ex-05-1]

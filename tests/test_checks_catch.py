@@ -1,0 +1,100 @@
+"""The exercise checks of lessons 00-06 hold an answer to what the exercise teaches, not only to
+its numbers: an answer that gets the numbers right by skipping the point (tests/wrong/*_skips.py
+and the like) is a mismatch whose verdict says why, in one line. And a check never crashes on
+an answer that returns nothing: it says what is wrong instead."""
+
+import ast
+import re
+
+import pytest
+
+from course.check import exercise_file, exercises_of, run_check
+
+from conftest import ROOT
+
+WRONG = ROOT / "tests" / "wrong"
+LESSONS = ["00", "01", "02", "03", "04", "05", "06"]
+
+# Each file's answers get the numbers right but skip the point: {verdict's key: words it says}.
+# Those keys, and only those, must differ from the expected answer.
+SKIPS = {
+    "00_hello_skips.py": {"one all_reduce": "asks for exactly one"},
+    "01_groups_skips.py": {
+        "every group, in one order, on every rank": "every rank must make all of [[0, 1], [2, 3]"
+    },
+    "02_p2p_skips.py": {
+        "send_tensor follows the protocol": "the protocol is the header [20202,",
+        "a ring of isend/irecv": "it called dist.all_reduce; the exercise builds the sum from",
+    },
+    "02_p2p_not_a_ring.py": {"a ring of isend/irecv": "sends only to rank 1 and receives only"},
+    "03_collectives_skips.py": {
+        "shared only a max and a sum": "it called dist.all_reduce 0 times",
+        "shared only a max and a sum per row": "on [4, 120] numbers",
+    },
+    "04_scatter_skips.py": {
+        "one scatter": "dist.scatter 0, dist.broadcast 1",
+        "all_gather, no all_reduce or broadcast": "dist.all_reduce 1, dist.broadcast 0",
+    },
+    "05_hooks_skips.py": {"one async all_reduce per bucket": "by step: [8, 8]"},
+    "05_hooks_unused.py": {
+        "finish() when a parameter got no gradient": "finish() returned, though ['aux_head.weight'"
+    },
+    "06_distill_skips.py": {"one all_reduce per step": "it called dist.all_reduce [3, 3] times"},
+}
+
+
+def exercises_in(path):
+    """The exercise ids whose functions `path` defines (its other exercises are not run)."""
+    defined = {f.name for f in ast.parse(path.read_text()).body if isinstance(f, ast.FunctionDef)}
+    lesson = path.name[:2]
+    return [e for e in exercises_of(lesson) if set(function_names(lesson)[e]) <= defined]
+
+
+def function_names(lesson):
+    """{exercise id: the names of the functions the learner writes}, read from EXERCISES."""
+    for node in ast.parse(exercise_file(lesson).read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "EXERCISES":
+            return {
+                key.value: [n.value for n in value.elts[1:]]
+                for key, value in zip(node.value.keys, node.value.values)
+            }
+    return {}
+
+
+def mismatched_keys(lines):
+    """The keys of yours/expected that a mismatch report names: `[rank N]   key:` lines."""
+    return set(re.findall(r"^\[rank \d+\]   (\S.*):$", "\n".join(lines), re.M))
+
+
+@pytest.mark.parametrize("name", SKIPS)
+def test_check_says_why_an_answer_that_skips_the_point_fails(name):
+    exercises = exercises_in(WRONG / name)
+    status, lines = run_check(exercises, WRONG / name, 4)
+    out = "\n".join(lines)
+    assert status == {e: "mismatch" for e in exercises}, out
+    assert mismatched_keys(lines) == set(SKIPS[name]), out  # the numbers are right: only why
+    for key, words in SKIPS[name].items():
+        assert words in out, f"{key}: the report does not say {words!r}\n{out}"
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_check_says_what_is_wrong_with_an_answer_that_returns_nothing(lesson, tmp_path):
+    """Every function of the lesson's exercises returns None at once: a mismatch, not a crash
+    of the check's own code (which the runner would report as an error)."""
+    names = {n for ns in function_names(lesson).values() for n in ns}
+    nothing = tmp_path / "nothing.py"
+    nothing.write_text("".join(f"def {n}(*args, **kwargs):\n    return None\n\n" for n in names))
+    status, lines = run_check(exercises_of(lesson), nothing, 4)
+    assert set(status.values()) == {"mismatch"}, "\n".join(lines)
+
+
+def test_lesson_05s_own_ddp_stops_on_a_parameter_without_gradient(tmp_path):
+    """overlap_ddp (the lesson's DDP, one bucket per parameter) through exercise 05.1's check:
+    it is no bucketed answer, but it must raise, naming the parameters that got no gradient."""
+    answer = tmp_path / "overlap.py"
+    answer.write_text(
+        "def bucketed_ddp(model, bucket_bytes, log):\n    return overlap_ddp(model, log)\n"
+    )
+    status, lines = run_check(["05.1"], answer, 4)
+    assert status == {"05.1": "mismatch"}, "\n".join(lines)  # its buckets are not 05.1's
+    assert "finish() when a parameter got no gradient" not in mismatched_keys(lines), lines
