@@ -16,7 +16,7 @@ Rank 0 is the trainer, ranks 1.. one inference engine (TP = ranks - 1). One run 
    acknowledged new version; GB/s; efficiency = model bytes / time / the GB/s of one broadcast
    of the model's bytes, timed right after each warm update (and, stricter, / the sweep's best
    GB/s at 64 MiB and more);
-   the issue's targets and whether they are met;
+   the course's targets and whether they are met;
 3. where the fast path's warm time goes, measured: control plane, transfer, verify + commit,
    ack, and what the trainer's checksums cost alone;
 4. the correctness of each model's update: sampled weights read back from the engine equal the
@@ -45,7 +45,7 @@ from weight_sync.trainer import FastUpdater, create_update_group
 
 SEED_A, SEED_B = 1, 2  # the engine starts each model as A ("instruct"); the trainer pushes B
 DTYPE = torch.bfloat16  # the engine's weights, and the trainer's in the zero-copy run
-# The issue's targets, end to end, warm: (seconds at most, fraction of the same run's broadcast
+# The course's targets, end to end, warm: (seconds at most, fraction of the same run's broadcast
 # GB/s). On gloo the "small" model stands in for a smaller model.
 TARGETS = {
     ("nccl", "llama-3.2-1b"): (12e-3, 0.80),
@@ -286,7 +286,7 @@ def benchmark_model(client, ctx, args, model, best_gbs, functions):
 
 
 def verdict(backend, row):
-    """'met' / 'MISSED (...)' against the issue's targets (the fast path only), or ''."""
+    """'met' / 'MISSED (...)' against the course's targets (the fast path only), or ''."""
     target = TARGETS.get((backend, row["model"]))
     if not target or row["path"] != "fast":  # the targets are the fast path's, bf16 as served
         return ""
