@@ -75,37 +75,67 @@ def lesson_module(exercise: str) -> ModuleType:
     return load(lesson_file(exercise))
 
 
-def _summary(yours: object, expected: object) -> str:
+WIDTH = 160  # a verdict's line is cut here: a screen's width, not a wall of numbers
+WHY = 400  # ...except a check's own sentence on why an answer fails: a few terminal lines
+KEYS = 3  # a rank's differences shown in full; the others are named in one line
+LINES = 12  # an exercise's lines of differences, all ranks together; further ranks get one line
+
+
+def _short(x: object) -> str:
+    """x in one line: a tensor by its shape, dtype and first values; anything else by repr."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        head = ", ".join(f"{v:.4g}" for v in x.detach().flatten()[:4].double().tolist())
+        return f"tensor {tuple(x.shape)} {str(x.dtype)[6:]} [{head}{', ...' * (x.numel() > 4)}]"
+    said = " ".join(repr(x).split())
+    return said if len(said) <= WIDTH - 14 else said[: WIDTH - 17] + "..."
+
+
+def _summary(yours: object, expected: object) -> list[str]:
     """What is wrong, in a few lines: shapes, the first differing entries, an obvious relation."""
     import torch
 
+    if isinstance(yours, str) and expected is True:  # a check's words on why: whole, one line
+        return [f"yours:    {' '.join(yours.split())}"[:WHY]]
     if not (isinstance(yours, torch.Tensor) and isinstance(expected, torch.Tensor)):
-        return f"yours:    {yours!r}"[:300] + f"\n    expected: {expected!r}"[:300]
+        return [f"yours:    {_short(yours)}", f"expected: {_short(expected)}"]
+    if (
+        yours.dim() == 2
+        and yours.shape == expected.T.shape
+        and torch.allclose(yours.T.double(), expected.double(), rtol=1e-4, atol=1e-5)
+    ):
+        return [f"yours is expected transposed: shape {tuple(yours.shape)}, expected's .T"]
     if yours.shape != expected.shape or yours.dtype != expected.dtype:
-        shapes = [f"shape {tuple(t.shape)} {t.dtype}" for t in (yours, expected)]
-        return f"yours:    {shapes[0]}\n    expected: {shapes[1]}"
+        return [f"yours:    {_short(yours)}", f"expected: {_short(expected)}"]
+    if yours.is_complex():  # same dtype as expected's: compare real and imaginary parts
+        yours, expected = torch.view_as_real(yours), torch.view_as_real(expected)
     a, b = yours.flatten().double(), expected.flatten().double()
     bad = (~torch.isclose(a, b, rtol=1.3e-6, atol=1e-5)).nonzero().flatten()
+    at = lambda i: list(torch.unravel_index(torch.tensor(i), yours.shape)) if yours.dim() else []
     shown = "; ".join(
-        f"[{i}] yours {a[i].item():.6g}, expected {b[i].item():.6g}" for i in bad[:3].tolist()
+        f"{[int(j) for j in at(i)]} yours {a[i].item():.4g}, expected {b[i].item():.4g}"
+        for i in bad[:2].tolist()
     )
-    lines = [f"{len(bad)} of {a.numel()} entries differ (flat index): {shown}"]
-    nonzero = b.abs() > 1e-12
-    if nonzero.any() and a.isfinite().all():
-        ratios = a[nonzero] / b[nonzero]
-        if torch.allclose(ratios, ratios[:1].expand_as(ratios), rtol=1e-4) and ratios[0] != 1:
-            lines.append(f"yours = {ratios[0].item():.4g} x expected everywhere")
-    return "\n    ".join(lines)
+    lines = [f"{len(bad)} of {a.numel()} differ, shape {tuple(yours.shape)}: {shown}"]
+    factor = (a @ b / (b @ b)).item() if a.isfinite().all() and (b @ b) > 0 else 1.0
+    if abs(factor - 1) > 1e-3 and torch.allclose(
+        a, factor * b, rtol=1e-3, atol=1e-6 * b.abs().max()
+    ):
+        lines.append(f"yours = {factor:.4g} x expected, everywhere")
+    return lines
 
 
-def differences(yours: object, expected: object, name: str = "result") -> list[str]:
-    """Lines saying where yours and expected differ (per entry of a dict); [] if they match."""
+def differences(yours: object, expected: object, name: str = "result") -> list[list]:
+    """[name, lines saying how yours and expected differ] per part of a dict that differs (the
+    ones that say why first); [] if they match."""
     import torch  # here, not at the top: a notebook kernel that only launches checks needs no torch
 
     if isinstance(yours, torch.Tensor):
         yours = yours.detach().cpu()
     if isinstance(expected, dict) and isinstance(yours, dict) and yours.keys() == expected.keys():
-        return [line for key in expected for line in differences(yours[key], expected[key], key)]
+        keys = sorted(expected, key=lambda key: expected[key] is not True)  # the why-keys first
+        return [d for key in keys for d in differences(yours[key], expected[key], key)]
     if isinstance(expected, torch.Tensor) or isinstance(yours, torch.Tensor):
         try:
             torch.testing.assert_close(yours, expected, check_device=False)
@@ -118,7 +148,70 @@ def differences(yours: object, expected: object, name: str = "result") -> list[s
                 return []
         except Exception:
             pass
-    return [f"  {name}:", f"    {_summary(yours, expected)}"]
+    try:
+        return [[name, _summary(yours, expected)]]
+    except Exception:  # an answer odd enough to trip the summary itself (complex, sparse, ...)
+        return [[name, [f"yours:    {_short(yours)}", f"expected: {_short(expected)}"]]]
+
+
+def samples(yours: object, expected: object, name: str = "result") -> dict[str, list]:
+    """{name: [yours' first values, expected's]} per tensor, to see a rank's answer on another."""
+    import torch
+
+    if isinstance(expected, dict) and isinstance(yours, dict):
+        return {
+            k: v for key in expected for k, v in samples(yours.get(key), expected[key], key).items()
+        }
+    if not (isinstance(yours, torch.Tensor) and isinstance(expected, torch.Tensor)):
+        return {}
+    if yours.is_complex() or expected.is_complex() or yours.is_sparse or expected.is_sparse:
+        return {}
+    return {name: [t.detach().flatten()[:64].double().cpu().tolist() for t in (yours, expected)]}
+
+
+def _shifted(mine: list, theirs: dict[int, list], rank: int, n: int) -> list[str]:
+    """A line if yours on `rank` is another rank's expected answer, e.g. a peer off by one."""
+    for other, sample in sorted(theirs.items()):
+        if (
+            other != rank
+            and len(sample[1]) == len(mine[0])
+            and mine[0]
+            and all(abs(x - y) <= 1e-5 + 1e-4 * abs(y) for x, y in zip(mine[0], sample[1]))
+        ):
+            shift = (other - rank) % n - n * ((other - rank) % n > n // 2)  # -1, not n - 1
+            return [f"yours is rank {other}'s expected answer: a rank shifted by {shift:+d}"]
+    return []
+
+
+def mismatch_lines(exercise: str, verdicts: dict[int, dict]) -> list[str]:
+    """What the ranks that differ say, fit for a screen: ranks that say the same are one report;
+    KEYS differences in full, LINES lines in all, then one line per further report."""
+    reports: dict[str, list[int]] = {}
+    for rank, v in sorted(verdicts.items()):
+        if v["verdict"] == "mismatch":
+            why = [[key, lines] for key, lines in v["why"]]
+            for key, lines in why:
+                theirs = {
+                    r: w["samples"][key] for r, w in verdicts.items() if key in w.get("samples", {})
+                }
+                lines += _shifted(theirs.get(rank, [[]]), theirs, rank, len(verdicts))
+            reports.setdefault(json.dumps(why), []).append(rank)
+    out = []
+    for text, ranks in reports.items():
+        why, who = json.loads(text), f"[rank{'s' * (len(ranks) > 1)} {str(ranks)[1:-1]}]"
+        keys = ", ".join(key for key, _ in why)
+        if out and len(out) + 1 + sum(1 + len(lines) for _, lines in why[:KEYS]) > LINES:
+            hints = [ln for _, ls in why for ln in ls if ln.startswith(("yours is", "yours ="))]
+            hint = "".join(f"; {h}" for h in hints[:1])  # a relation, if one was seen
+            out.append(f"{who} {exercise}: differs too, in: {keys}{hint}"[:WIDTH])
+            continue
+        out.append(f"{who} {exercise}: yours differs from expected")
+        for key, lines in why[:KEYS]:
+            out += [f"{who}   {key}:", *(f"{who}     {line}"[:WHY] for line in lines)]
+        if len(why) > KEYS:
+            more = ", ".join(key for key, _ in why[KEYS:])
+            out.append(f"{who}   and {len(why) - KEYS} more: {more}"[:WIDTH])
+    return out
 
 
 def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
@@ -141,8 +234,9 @@ def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
             except NotImplementedError as err:
                 said[exercise] = {"verdict": "not attempted", "why": str(err)}
             else:
-                wrong = differences(yours, expected)
-                said[exercise] = {"verdict": "mismatch" if wrong else "pass", "why": wrong}
+                wrong, sampled = differences(yours, expected), samples(yours, expected)
+                verdict = "mismatch" if wrong else "pass"
+                said[exercise] = {"verdict": verdict, "why": wrong, "samples": sampled}
             mine.write_text(json.dumps(said))  # after each: a later crash keeps earlier verdicts
         # Every rank has written its verdicts before any exits: the launcher stops the others as
         # soon as one rank exits non-zero, which would cut a slower rank's verdict short.
@@ -183,10 +277,7 @@ def run_check(
             status[exercise] = "pass"
         else:
             status[exercise] = "mismatch"
-            for rank, v in sorted(verdicts.items()):
-                if v["verdict"] == "mismatch":
-                    said_lines = [f"{exercise}: yours differs from expected", *v["why"]]
-                    lines += [f"[rank {rank}] {ln}" for w in said_lines for ln in w.split("\n")]
+            lines += mismatch_lines(exercise, verdicts)
     if "error" in status.values():  # what the ranks said is the only clue: show all of it
         lines = result.lines + result.stuck + lines
     return status, lines

@@ -14,7 +14,6 @@ Run it
     torchrun --nproc-per-node 4 lessons/06_distill.py     # 2 students, 2 teachers
     torchrun --nproc-per-node 8 lessons/06_distill.py     # 4 students, 4 teachers
     python lessons/06_distill.py --nproc 2                # 1 student, 1 teacher
-    An odd world size is refused on every rank before any collective.
 
 What you should see (4 ranks, no GPU; every run prints the same losses: all is seeded)
     [rank 0] no GPU: using gloo on CPU
@@ -22,14 +21,13 @@ What you should see (4 ranks, no GPU; every run prints the same losses: all is s
     [rank 0] step   loss rank 0   loss rank 1          mean
     [rank 0]    1     1.238e-01     1.156e-01     1.197e-01
     ...
-    [rank 0]   30    -5.355e-09     1.676e-08     5.704e-09   <- a KL a hair below 0: see below
+    [rank 0]   30    -5.355e-09     1.676e-08     5.704e-09   <- a KL a hair below 0
     [rank 0] checked: mean loss fell from 1.197e-01 to 5.704e-09 < 0.0001
+    [rank 0] a KL is never below 0, but its float32 sum of terms of ~1e-8 can be: rounding
     [rank 0] checked: all students hold the same weights (spread 0 over the student group of 2)
     [rank 0] checked: losses and weights match one process training on all 2 batches at once
     [rank 0] checked: each teacher answered 30 requests and stopped on the stop message
-The student can copy the teacher exactly, so the loss falls to float32's rounding. A KL
-divergence is never negative, but it is computed as a sum of p * (log p - log q) in float32:
-once the terms are ~1e-8, their rounding errors are as large as the sum and can tip it below 0.
+    [rank 0] Next: exercise 06.1 (bucketed_dp_step above). Check it: python -m lessons.check 06
 Setup and printing: course/ranks.py. distill_demo/ grows this lesson into a full trainer.
 """
 
@@ -226,6 +224,7 @@ def report(args, means, weights, answered):
     if steps >= STEPS:  # the default run gets there; a shorter one may not
         assert means[-1] < TARGET_LOSS, f"rank 0: mean loss {means[-1]:.3e} >= {TARGET_LOSS}"
         print0(f"checked: mean loss fell from {means[0]:.3e} to {means[-1]:.3e} < {TARGET_LOSS}")
+        print0("a KL is never below 0, but its float32 sum of terms of ~1e-8 can be: rounding")
     print0(f"checked: all students hold the same weights (spread 0 over the student group of {n})")
     teacher = make_model(TEACHER_WIDTH, TEACHER_SEED)
     student = make_model(STUDENT_WIDTH, STUDENT_SEED)
@@ -244,6 +243,7 @@ def report(args, means, weights, answered):
     print0(f"checked: losses and weights match one process training on all {n} batches at once")
     assert answered == [steps] * n, f"rank 0: teachers answered {answered}"
     print0(f"checked: each teacher answered {steps} requests and stopped on the stop message")
+    print0("Next: exercise 06.1 (bucketed_dp_step above). Check it: python -m lessons.check 06")
 
 
 if __name__ == "__main__":

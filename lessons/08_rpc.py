@@ -21,7 +21,8 @@ What you should see (4 ranks, no GPU; timings are yours)
     [rank 0] no GPU: using gloo on CPU
     [rank 0] checked: rpc_sync(teacher0, os.getpid) ran in teacher0's process
     [rank 0] checked: 6 steps through an RRef give one process's losses: 714 ms
-    [rank 0] checked: rpc_async, the student's forward in between, same losses: 509 ms, 205 ms ...
+    [rank 0] checked: rpc_async, the student's forward in between, same losses: 509 ms,
+             205 ms ... than rpc_sync: ...   <- "less ...: overlapped"; MORE on busy cores
     [rank 0] checked: the students' own group, next to RPC, sums their last losses: 0.0817
     [rank 0] Next: exercise 08.1 (train_prefetching above). Check: python -m lessons.check 08
 Rank setup comes from course/ranks.py (lesson 00 writes it out); RPC is this lesson.
@@ -197,10 +198,9 @@ def student_work(ctx, args, me, teacher_name, teacher_info, students, student_gr
     torch.testing.assert_close(losses, reference_losses(ctx.rank, ctx.device), **CLOSE)
     print0(f"checked: {STEPS} steps through an RRef give one process's losses: {sync_ms:.0f} ms")
     torch.testing.assert_close(overlapped, losses, **CLOSE)
-    than = "MORE: too few free cores to overlap" if async_ms >= sync_ms else "less: overlapped"
-    than = f"{async_ms:.0f} ms, {abs(async_ms - sync_ms):.0f} ms {than}"  # what was measured
+    than = ("MORE", "too few free cores") if async_ms >= sync_ms else ("less", "overlapped")
+    than = f"{async_ms:.0f} ms, {abs(async_ms - sync_ms):.0f} ms {than[0]} than rpc_sync: {than[1]}"
     print0(f"checked: rpc_async, the student's forward in between, same losses: {than}")
-
     total = torch.tensor([losses[-1]], device=ctx.device)
     dist.all_reduce(total, group=student_group)  # the students' own group, next to RPC
     expected = sum(reference_losses(s, ctx.device)[-1] for s in students)

@@ -1,7 +1,8 @@
-"""The exercise checks of lessons 00-06 hold an answer to what the exercise teaches, not only to
+"""The exercise checks of lessons 00-08 hold an answer to what the exercise teaches, not only to
 its numbers: an answer that gets the numbers right by skipping the point (tests/wrong/*_skips.py
 and the like) is a mismatch whose verdict says why, in one line. And a check never crashes on
-an answer that returns nothing: it says what is wrong instead."""
+an answer that returns nothing: it says what is wrong instead. And a wrong answer's verdict fits
+on a screen, naming an obvious relation (yours = 4 x expected) when there is one."""
 
 import ast
 import re
@@ -13,7 +14,7 @@ from course.check import exercise_file, exercises_of, run_check
 from conftest import ROOT
 
 WRONG = ROOT / "tests" / "wrong"
-LESSONS = ["00", "01", "02", "03", "04", "05", "06"]
+LESSONS = ["00", "01", "02", "03", "04", "05", "06", "07", "08"]
 
 # Each file's answers get the numbers right but skip the point: {verdict's key: words it says}.
 # Those keys, and only those, must differ from the expected answer.
@@ -40,7 +41,10 @@ SKIPS = {
         "finish() when a parameter got no gradient": "finish() returned, though ['aux_head.weight'"
     },
     "06_distill_skips.py": {"one all_reduce per step": "it called dist.all_reduce [3, 3] times"},
+    "07_processes_no_child.py": {"one child per rank": "it started 0 children"},
+    "08_rpc_sync.py": {"asks one batch ahead": "after [0, 1, 2, 3, 4, 5] of the student's"},
 }
+SCREEN = 25  # lines a wrong answer's verdict may take, 4 ranks, per exercise
 
 
 def exercises_in(path):
@@ -62,8 +66,18 @@ def function_names(lesson):
 
 
 def mismatched_keys(lines):
-    """The keys of yours/expected that a mismatch report names: `[rank N]   key:` lines."""
-    return set(re.findall(r"^\[rank \d+\]   (\S.*):$", "\n".join(lines), re.M))
+    """The keys of yours/expected that a mismatch report names: `[rank N]   key:` lines, and
+    those a further rank's one line names (`[ranks 2, 3] 05.1: differs too, in: a, b`)."""
+    text = "\n".join(lines)
+    keys = set(re.findall(r"^\[ranks? [\d, ]+\]   (\S.*):$", text, re.M))
+    return keys | {
+        k for ks in re.findall(r"differs too, in: (.*)$", text, re.M) for k in ks.split(", ")
+    }
+
+
+def said(lines):
+    """The report as one text, without rank prefixes: a verdict's words, wrapped or not."""
+    return " ".join(re.sub(r"^\[ranks? [\d, ]+\]", "", line).strip() for line in lines)
 
 
 @pytest.mark.parametrize("name", SKIPS)
@@ -74,7 +88,18 @@ def test_check_says_why_an_answer_that_skips_the_point_fails(name):
     assert status == {e: "mismatch" for e in exercises}, out
     assert mismatched_keys(lines) == set(SKIPS[name]), out  # the numbers are right: only why
     for key, words in SKIPS[name].items():
-        assert words in out, f"{key}: the report does not say {words!r}\n{out}"
+        assert words in said(lines), f"{key}: the report does not say {words!r}\n{out}"
+    assert len(lines) <= SCREEN * len(exercises), f"{len(lines)} lines: more than a screen\n{out}"
+
+
+def test_a_missing_division_is_named_as_a_factor_in_a_screen_of_lines():
+    """05.1 without `/ world_size`: 16 gradients, each 4 x too big, on 4 ranks; the verdict says
+    "4 x expected" in at most a screen of lines, none wider than a terminal."""
+    status, lines = run_check(["05.1"], WRONG / "05_hooks_no_divide.py", 4)
+    out = "\n".join(lines)
+    assert status == {"05.1": "mismatch"}, out
+    assert "yours = 4 x expected, everywhere" in out, out
+    assert len(lines) <= SCREEN and max(map(len, lines)) <= 160, out
 
 
 @pytest.mark.parametrize("lesson", LESSONS)

@@ -61,6 +61,8 @@ def test_check_catches_a_wrong_answer(path):
     status, lines = run_check(ids, WRONG / path.name, 4)
     assert status == {i: "mismatch" for i in ids}, "\n".join(lines)
     assert "yours" in "\n".join(lines) and "expected" in "\n".join(lines)
+    # A verdict fits on a screen: 25 lines per exercise for 4 ranks, each a few terminal lines.
+    assert len(lines) <= 25 * len(ids) and max(map(len, lines)) <= 400, "\n".join(lines)
 
 
 @pytest.mark.parametrize("path", WITH_EXERCISES, ids=IDS)

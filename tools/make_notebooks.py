@@ -5,9 +5,9 @@
     python tools/make_notebooks.py --check      # exit 1 if a committed notebook is stale
 
 A notebook holds: the lesson's docstring as its narrative; a cell that runs the lesson on 4 ranks
-through course.launcher.run_lesson (torchrun in a subprocess: the kernel never forks or touches
-CUDA); the figures that run saved; then, per exercise, the stub from the lesson's marked region
-for the learner to edit and a cell that checks it on 4 ranks.
+through course.launcher.run_lesson (torch's elastic launcher, ranks forked from a forkserver: the
+kernel never touches CUDA); the figures that run saved; then, per exercise, the stub from the
+lesson's marked region for the learner to edit and a cell that checks it on 4 ranks.
 
 Notebooks are stored executed, so nbval can compare their outputs. Each is executed twice: a
 cell whose output differs between the two runs (after tests/nbval_sanitize.cfg's substitutions),
@@ -45,35 +45,70 @@ from course.check import check
 from course.launcher import run_lesson"""
 
 
+LIST_ITEM = re.compile(r"(\d+[.)]|[-*]) ")  # a line that starts an item of a list
+COMMAND = re.compile(r"(torchrun|python|\[rank|--|\$ |[A-Z_]+=|\.\.\.|#|\s)")  # not prose
+
+
+def prose(text):
+    """Lines of text as Markdown paragraphs: lines joined into sentences, list items kept apart
+    (and a blank line before a list, or Markdown runs it into the paragraph)."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text.strip("\n")):
+        lines = []
+        for line in block.strip().splitlines():
+            item = LIST_ITEM.match(line.strip())
+            if item and lines and not LIST_ITEM.match(lines[-1]):
+                lines += [""]
+            if item or not lines or not lines[-1]:
+                lines.append(line.strip())
+            else:
+                lines[-1] += " " + line.strip()
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+def is_heading(line):
+    """ "Run it", "What you should see (...)": no sentence in it outside brackets."""
+    bare = re.sub(r"\([^)]*\)", "", line.strip())
+    return not re.search(r"[.:;] ", bare) and len(line.strip()) < 100
+
+
 def docstring_to_markdown(doc):
-    """The lesson docstring's layout (title; unindented headings over indented bodies) in Markdown.
-    Bodies of commands or output become code blocks; the rest is prose."""
+    """The lesson docstring's layout (a title; unindented headings over indented bodies;
+    unindented prose) in Markdown. Bodies of commands or output become code blocks, where a line
+    of prose becomes a comment; other bodies, and the unindented prose, become paragraphs."""
     lines = doc.strip("\n").splitlines()
-    out, i = [f"# {lines[0].strip()}", ""], 1
+    title, i = [], 0
+    while i < len(lines) and lines[i].strip():  # the title may take more than one line
+        title.append(lines[i].strip())
+        i += 1
+    out = [f"# {' '.join(title)}", ""]
+    text = []  # unindented prose so far, not yet written out
     while i < len(lines):
-        line = lines[i]
-        body = []
-        j = i + 1
+        line, body, j = lines[i], [], i + 1
         while j < len(lines) and (lines[j].startswith(" ") or not lines[j].strip()):
             body.append(lines[j])
             j += 1
         if not line.strip():
             i += 1
             continue
-        if not body or not any(b.strip() for b in body):  # a sentence on its own
-            out += [line.strip(), ""]
+        if not any(b.strip() for b in body) or not is_heading(line):  # prose, not a heading
+            text += [line, *body]
             i = j
             continue
-        text = textwrap.dedent("\n".join(body)).strip("\n")
-        looks_like_code = re.search(r"^(torchrun|python|\[rank|--|\$ |[A-Z_]+=)", text, re.M)
+        if text:
+            out += [prose("\n".join(text)), ""]
+            text = []
+        block = textwrap.dedent("\n".join(body)).strip("\n")
         out += [f"**{line.strip()}**", ""]
-        out += [
-            f"```\n{text}\n```"
-            if looks_like_code
-            else "\n\n".join(" ".join(p.split()) for p in text.split("\n\n")),
-            "",
-        ]
+        if re.search(r"^(torchrun|python|\[rank|--|\$ |[A-Z_]+=)", block, re.M):
+            code = [b if COMMAND.match(b) or not b else f"# {b}" for b in block.splitlines()]
+            out += ["```\n" + "\n".join(code) + "\n```", ""]
+        else:
+            out += [prose(block), ""]
         i = j
+    if text:
+        out += [prose("\n".join(text)), ""]
     return "\n".join(out).strip() + "\n"
 
 
@@ -102,8 +137,9 @@ def build(path):
         nbformat.v4.new_markdown_cell(docstring_to_markdown(doc)),
         nbformat.v4.new_markdown_cell(
             f"This notebook runs `lessons/{path.name}` on 4 ranks (gloo on CPU, NCCL on GPUs) and "
-            "shows what every rank printed, rank by rank. Run the cells from the top; "
-            "**Kernel → Restart & Clear Output** resets it. The exercise cells are yours to edit."
+            "shows what every rank printed, rank by rank. Run the cells from the top; in "
+            "JupyterLab, **Kernel → Restart Kernel and Clear Outputs of All Cells…** resets it. "
+            "The exercise cells are yours to edit."
         ),
         _cell(SETUP, "setup"),
         _cell(f'run_lesson("{stem}", nproc=4)', "run"),
