@@ -38,7 +38,7 @@ from course.launcher import ROOT, lesson_path
 from course.ranks import AT_LEAST_2, parser, print0, setup
 from weight_sync.control import engine_client
 from weight_sync.engine import POLL_S, serve_engine
-from weight_sync.model import PRESETS, forward, llama_specs, make_weights, one_weight
+from weight_sync.model import PRESETS, forward, make_weights, one_weight
 from weight_sync.plan import Layout, checksum_pieces
 from weight_sync.timing import broadcast_timing
 from weight_sync.trainer import FastUpdater, create_update_group
@@ -219,11 +219,13 @@ def check_engine(client, shape, model_b, device, label):
 def benchmark_model(client, ctx, args, model, best_gbs, functions):
     shape, timeout = PRESETS[model], args.timeout
     client.call("load_model", preset=model, seed=SEED_A, dtype=str(DTYPE))
-    layout = Layout(llama_specs(shape), DTYPE)  # the trainer keeps B in one flat buffer
-    flat, model_b = layout.allocate(ctx.device)
-    make_weights(shape, SEED_B, ctx.device, into=model_b)
+    # the trainer keeps B in one flat buffer, laid out as a TP-1 engine holds it (q, k and v
+    # back to back, as its fused qkv_proj): HF's tensors are views of it
+    layout = Layout.vllm(shape, DTYPE, 0, 1)
+    flat = torch.zeros(layout.size, dtype=torch.uint8, device=ctx.device)
+    model_b = make_weights(shape, SEED_B, ctx.device, into=layout.hf_views(flat))
     nbytes = sum(e.nbytes for e in layout.entries)
-    print0(f"{model}: {len(layout.entries)} tensors, {nbytes / 1e6:.1f} MB in {DTYPE}")
+    print0(f"{model}: {len(model_b)} tensors, {nbytes / 1e6:.1f} MB in {DTYPE}")
     bucket_bytes = int(args.bucket_mib * (1 << 20))
     rows = {
         "naive": run_naive(
@@ -270,7 +272,7 @@ def benchmark_model(client, ctx, args, model, best_gbs, functions):
             {
                 "model": model,
                 "path": path,
-                "tensors": len(layout.entries),
+                "tensors": len(model_b),
                 "gb": nbytes / 1e9,
                 "efficiency": gbs / reference_gbs,
                 **row,

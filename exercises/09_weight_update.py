@@ -61,7 +61,7 @@ def check_fast_update(ctx, pack_bucket, push_update):
         ws.make_weights(shape, s, ctx.device) for s in (lesson.SEED_B, lesson.SEED_C)
     )
     plans = [
-        ws.Plan(ws.llama_specs(shape), dtype, tp_size, lesson.BUCKET_BYTES, resharding)
+        ws.Plan(shape, dtype, tp_size, lesson.BUCKET_BYTES, resharding)
         for resharding in ("shard", "broadcast")
     ]
     dry_run = CountingGroup(ctx.device, tp_size)
@@ -79,10 +79,8 @@ def check_fast_update(ctx, pack_bucket, push_update):
             timeout_s=20,
             quiet=True,
         )
-        mine = {
-            name: ws.shard_of(model_c[name], split, ctx.rank - 1, tp_size).to(dtype)
-            for name, _, split in ws.llama_specs(shape)
-        }  # my shard of C, single-process
+        mine = ws.hf_to_vllm(model_c, shape, ctx.rank - 1, tp_size)  # my shard of C, as vLLM
+        mine = {name: t.to(dtype) for name, t in mine.items()}  # holds it, single-process
         differ = [name for name in mine if not torch.equal(engine.weights[name], mine[name])]
         result = (
             {"version": engine.version, "tensors unlike my shard of model C": differ, **sends},
@@ -115,7 +113,9 @@ def push_twice(tp_size, push_update, models, plans, ctx):
                 resharding=plan.resharding,
             )
             pieces = [
-                f"{p.name} rows {p.start}:{p.stop} of rank {p.tp_rank}"
+                f"{p.name} rows {p.start}:{p.stop}"
+                + (f" ({p.hf_name})" if p.hf_name != p.name else "")
+                + f" of rank {p.tp_rank}"
                 for b in plan.checksummed
                 for p in b.pieces
             ]

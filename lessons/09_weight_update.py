@@ -9,7 +9,8 @@ The idea
     the group. This file is the trainer's side, done the slow way SGLang first did it: one
     request and one broadcast per tensor, an engine that polls, no warm-up. It measures where
     the time goes, and why a host timer lies. Exercise 09.1 makes it fast: flat buckets sent
-    back to back, each engine rank's shard cut on the trainer, converted on send, checksummed.
+    back to back, each engine rank's shard cut on the trainer in the engine's layout (vLLM's:
+    q, k and v fused in one qkv_proj per TP rank), converted on send, checksummed.
 
 Run it
     torchrun --nproc-per-node 4 lessons/09_weight_update.py   # trainer + an engine of TP=3
@@ -38,9 +39,9 @@ What you should see (4 ranks, no GPU; timings and the port are yours; 1 kB = 100
     [rank 0]   after a sync, slowest rank       28.062 ms  = 0.57 GB/s
     [rank 0] into 3 engine ranks: 1441.5 kB broadcast then sliced, 483.1 kB as shards
     [rank 0] Next: exercise 09.1 makes it fast. Check it: python -m lessons.check 09
-    [rank 1] engine rank 0: model A (tiny), 21 tensors, 161.0 kB of torch.bfloat16, as much staging
-    [rank 2] engine rank 1: model A (tiny), 21 tensors, 161.0 kB of torch.bfloat16, as much staging
-    [rank 3] engine rank 2: model A (tiny), 21 tensors, 161.0 kB of torch.bfloat16, as much staging
+    [rank 1] engine rank 0: model A (tiny), 15 tensors, 161.0 kB of torch.bfloat16, as much staging
+    [rank 2] engine rank 1: model A (tiny), 15 tensors, 161.0 kB of torch.bfloat16, as much staging
+    [rank 3] engine rank 2: model A (tiny), 15 tensors, 161.0 kB of torch.bfloat16, as much staging
 The engine, its model, control plane and groups, and SGLang's checks are the package
 weight_sync/, imported as ws. Setup comes from course/ranks.py.
 """
@@ -51,11 +52,11 @@ import time
 import torch
 
 import weight_sync as ws
-from course.ranks import AT_LEAST_2, parser, print0, setup
-from weight_sync import checksum_pieces, shard_of  # noqa: F401 (exercise 09.1 uses them)
+from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error
+from weight_sync import checksum_pieces  # noqa: F401 (exercise 09.1 uses it)
 
+PRESET = "tiny"  # the model: 21 HF tensors, 12 heads, 6 KV heads (TP 12 replicates them)
 NEEDS = AT_LEAST_2  # rank 0 trains, every other rank is one TP rank of the engine
-PRESET = "tiny"  # the model's shape: 21 tensors whose splits all divide by TP = 1, 2, 3
 SEED_A, SEED_B, SEED_C = 1, 2, 3  # models A ("instruct", the engine's first), B, C: the trainer's
 ENGINE_DTYPE = torch.bfloat16  # what the engine serves in; the trainer keeps float32
 TIMED_BYTES = 16_000_000  # the broadcast the timing section measures: 16 MB
@@ -161,13 +162,13 @@ def time_broadcast(client, group, nbytes):
 def pack_bucket(bucket, weights, out):
     """Exercise 09.1 (1 of 2): fill `out`, the bytes of `bucket`, from the trainer's full tensors.
 
-    For each piece of bucket.pieces: take weights[piece.name], cut out the shard engine rank
-    piece.tp_rank holds (shard_of(full, piece.split_dim, piece.tp_rank, piece.tp_size)), keep
-    its rows piece.start:piece.stop, and copy them into out at piece.offset (piece.nbytes bytes)
-    as piece.dtype, the engine's dtype: copy_ into a view of that dtype converts.
+    For each piece of bucket.pieces: take the part weights[piece.hf_name][piece.hf_index] of
+    the HF tensor (rows of engine rank piece.tp_rank's shard, which the engine holds fused as
+    vLLM does: q, k and v in one qkv_proj), and copy it into out at piece.offset (piece.nbytes
+    bytes) as piece.dtype, the engine's dtype: copy_ into a view of that dtype converts.
     """
     # YOUR CODE BELOW
-    raise NotImplementedError("Exercise 09.1: pack a bucket's pieces, converted (about 4 lines)")
+    raise NotImplementedError("Exercise 09.1: pack a bucket's pieces, converted (about 3 lines)")
 
 
 def push_update(group, plan, weights):
@@ -208,8 +209,7 @@ def trainer(ctx, client, tp_size, timeout_s):
     time_broadcast(client, group, TIMED_BYTES)
     # --8<-- [start:resharding]
     whole, shard = (
-        ws.Plan(ws.llama_specs(shape), ENGINE_DTYPE, tp_size, BUCKET_BYTES, how)
-        for how in ("broadcast", "shard")
+        ws.Plan(shape, ENGINE_DTYPE, tp_size, BUCKET_BYTES, how) for how in ("broadcast", "shard")
     )  # every engine rank's bytes, all together
     print0(
         f"into {tp_size} engine ranks: {whole.bytes_received() / 1e3:.1f} kB broadcast then "
@@ -223,6 +223,10 @@ def main():
     args = parser(__doc__).parse_args()
     with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:  # only to start everybody
         tp_size = ctx.world_size - 1
+        try:  # before anything runs, on every rank: can the engine hold tiny at this TP?
+            ws.check_engine_tp(ws.PRESETS[PRESET], tp_size)
+        except ValueError as err:
+            usage_error(f"{PRESET}: {err}. Start 1 + that many ranks, e.g. --nproc-per-node 4")
         if ctx.rank > 0:  # an engine rank: serves until the trainer says stop
             engine = dict(preset=PRESET, seed=SEED_A, dtype=ENGINE_DTYPE, poll_s=ws.POLL_S)
             ws.serve_engine(

@@ -33,7 +33,7 @@ UNCHANGED = "weights byte-identical, version 0, next token as before"
 # ---------------------------------------------------------------------------------------------
 # pytest side: an engine job in a thread, scenarios as processes
 @contextlib.contextmanager
-def engine(tp, folder):
+def engine(tp, folder, preset="tiny"):
     """An engine of `tp` ranks as its own torchrun job; yields (port file, its result box)."""
     port_file, box = folder / f"engine-tp{tp}.addr", {}
 
@@ -42,7 +42,8 @@ def engine(tp, folder):
             box["result"] = run_ranks(
                 "weight_sync",
                 tp,
-                ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120],
+                ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120]
+                + ["--preset", preset],
                 timeout=240,
             )
         except BaseException as err:  # e.g. processes left behind: report it in the test
@@ -72,11 +73,12 @@ def scenario(name, port_file, *args, timeout=150):
     return result, out, results
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_a_b_update_naive_and_fast(tp, tmp_path):
+@pytest.mark.parametrize("tp, preset", [(1, "tiny"), (2, "tiny"), (2, "tiny-mqa")])
+def test_a_b_update_naive_and_fast(tp, preset, tmp_path):
     """SGLang's test: the engine starts with A, the trainer holds B; after the update, sampled
-    weights read back equal B and differ from A; then back to A and on to B by the fast path."""
-    with engine(tp, tmp_path) as (port_file, box):
+    weights read back equal B and differ from A; then back to A and on to B by the fast path.
+    tiny-mqa's one KV head is replicated on both engine ranks (TP > KV heads)."""
+    with engine(tp, tmp_path, preset) as (port_file, box):
         result, out, results = scenario("ab", port_file)
         assert result.returncode == 0, out
     assert box["result"].returncode == 0, text(box["result"])
@@ -101,6 +103,9 @@ def bad_inputs(tmp_path_factory):
         ("name", "no tensor 'model.layers.0.self_attn.qkv_proj.weight'"),
         ("naive name", "no tensor 'lm_head.weights'"),
         ("corrupted", "checksum mismatch"),
+        ("nan", "non-finite value (NaN or Inf) in model.layers.1.self_attn.k_proj.weight"),
+        ("naive inf", "non-finite value (NaN or Inf) in model.norm.weight"),
+        ("shape after prepare", "shape mismatch for lm_head.weight: the trainer's is now"),
     ],
 )
 def test_bad_update_is_refused_before_the_live_weights_change(bad_inputs, case, says):
@@ -155,9 +160,31 @@ def test_dead_engine_rank_fails_the_push_naming_it(tmp_path):
     assert "fault injected: dying after 1 bucket(s)" in text(box["result"])
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_exercise_check_on_tp_1_and_2(nproc):
-    """test_exercises.py runs the check on 4 ranks (TP=3); here TP=1 and TP=2."""
+def test_an_engine_tp_that_does_not_fit_is_refused_on_every_rank_before_anything_runs():
+    """tiny has 6 KV heads: an engine of TP 4 can neither split nor replicate them evenly. The
+    lesson at 5 ranks and an engine of 4 ranks on their own are refused at once, on every
+    rank, naming the sizes that work."""
+    lesson = run_ranks(ROOT / "lessons" / "09_weight_update.py", 5, timeout=120)
+    out = text(lesson)
+    assert lesson.returncode != 0, out
+    for rank in range(5):
+        assert f"[rank {rank}] error: tiny: engine TP 4 does not fit this model" in out, out
+    assert "Engine TP sizes that work: 1, 2, 3, 6, 12. Start 1 + that many ranks" in out, out
+    alone = run_ranks("weight_sync", 4, ["--timeout", 5], timeout=120)
+    out = text(alone)
+    assert alone.returncode != 0, out
+    says = "6 KV heads neither split over 4 ranks nor replicate evenly on them (4 is not a "
+    says += "multiple of 6). Engine TP sizes that work: 1, 2, 3, 6, 12"
+    assert all(f"[rank {r}] error: tiny on 4 engine ranks: " in out for r in range(4)), out
+    assert says in out, out
+    assert "control plane" not in out and "model A" not in out, out
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 13])
+def test_exercise_check_on_tp_1_2_and_12(nproc):
+    """test_exercises.py runs the check on 4 ranks (TP=3); here TP=1, TP=2 and TP=12, where
+    each of tiny's 6 KV heads is replicated on 2 engine ranks (the engine's forward, its
+    checksums and its coverage all in that layout)."""
     status, lines = run_check(["09.1"], solution_file("09"), nproc)
     assert status == {"09.1": "pass"}, "\n".join(lines)
     status, lines = run_check(["09.1"], WRONG, nproc)
@@ -180,16 +207,18 @@ def test_exercise_check_says_what_is_wrong(name, says):
     assert says in "\n".join(lines), "\n".join(lines)
 
 
-def test_every_collective_agrees_in_dtype_and_count(tmp_path, monkeypatch):
+def test_every_collective_agrees_in_dtype_and_count(tmp_path):
     """NCCL needs each rank's tensors of one collective to agree in dtype and element count;
     gloo only needs the bytes to. The lesson (TP=3: naive path, TP forward, read-back, timing)
     and the check (fast path, both ways of resharding) log every op of every group; per group,
-    every rank's sequence of collectives must be the same, and each send must meet its recv."""
-    monkeypatch.setenv("COURSE09_OPS_LOG", str(tmp_path / "lesson"))
-    assert run_ranks(ROOT / "lessons" / "09_weight_update.py", 4).returncode == 0
-    monkeypatch.setenv("COURSE09_OPS_LOG", str(tmp_path / "check"))
-    status, lines = run_check(["09.1"], solution_file("09"), 4)
-    assert status == {"09.1": "pass"}, "\n".join(lines)
+    every rank's sequence of collectives must be the same, and each send must meet its recv.
+    The log's path goes in each run's own environment: ranks forked from a warm launcher do
+    not see this process's later changes to its environment."""
+    log = {"COURSE09_OPS_LOG": str(tmp_path / "lesson")}
+    assert run_ranks(ROOT / "lessons" / "09_weight_update.py", 4, env=log).returncode == 0
+    log = {"COURSE09_OPS_LOG": str(tmp_path / "check")}  # a process of its own: its own ranks
+    check = run_python("-m", ["lessons.check", "09", "--solution"], timeout=240, env=log)
+    assert check.returncode == 0 and "PASS on all 4 ranks" in text(check), text(check)
     for run, groups in (("lesson", {"naive", "engine"}), ("check", {"fast", "engine"})):
         collectives, p2p = {}, {"send": {}, "recv": {}}
         for log in tmp_path.glob(f"{run}.*"):
@@ -215,7 +244,7 @@ def test_bytes_on_the_wire_and_the_packed_bytes():
     import torch
 
     from weight_sync.groups import RecordingGroup
-    from weight_sync.model import PRESETS, llama_specs, make_weights
+    from weight_sync.model import PRESETS, make_weights
     from weight_sync.plan import Plan, digest, lay_out_shards, reference_checksums
 
     solution = runpy.run_path(str(solution_file("09")))
@@ -223,7 +252,7 @@ def test_bytes_on_the_wire_and_the_packed_bytes():
     weights = make_weights(shape, 2, "cpu")
     received = {}
     for resharding in ("shard", "broadcast"):
-        plan = Plan(llama_specs(shape), torch.bfloat16, tp, 16384, resharding)
+        plan = Plan(shape, torch.bfloat16, tp, 16384, resharding)
         group = RecordingGroup("cpu", tp)
         table = solution["push_update"](group, plan, weights)
         assert torch.equal(table, reference_checksums(plan, weights))
@@ -285,12 +314,12 @@ class Trainer:
     def __init__(self, port_file):
         import torch
 
-        from weight_sync.model import PRESETS, make_weights
+        from weight_sync.model import LlamaShape, make_weights
 
         self.torch = torch
         self.client = connect(port_file)
         self.tp = self.client.tp_size
-        self.shape = PRESETS["tiny"]
+        self.shape = LlamaShape(**self.client.call("describe")[0]["shape"])
         self.models = {seed: make_weights(self.shape, seed, "cpu") for seed in (1, 2)}
         lesson = runpy.run_path(str(ROOT / "lessons" / "09_weight_update.py"))
         solution = runpy.run_path(str(solution_file("09")))
@@ -307,25 +336,36 @@ class Trainer:
         ]
 
     def rows_equal(self, seed):
-        for name in (
-            "model.embed_tokens.weight",
-            "model.layers.1.self_attn.o_proj.weight",
-            "model.norm.weight",
-            "lm_head.weight",
+        """Sampled rows read back by HF name equal model `seed`'s: the engine gathers them
+        from its fused tensors (k_proj whole: split over TP ranks, or replicated on them)."""
+        for name, rows in (
+            ("model.embed_tokens.weight", 4),
+            ("model.layers.1.self_attn.o_proj.weight", 4),
+            ("model.layers.0.self_attn.k_proj.weight", 100),
+            ("model.layers.1.mlp.up_proj.weight", 4),
+            ("model.norm.weight", 4),
+            ("lm_head.weight", 4),
         ):
             got = self.torch.tensor(
-                self.client.call("get_weights_by_name", name=name, truncate_size=4)[0]
+                self.client.call("get_weights_by_name", name=name, truncate_size=rows)[0]
             )
-            if not self.torch.equal(got, self.models[seed][name][:4].bfloat16().float()):
+            if not self.torch.equal(got, self.models[seed][name][:rows].bfloat16().float()):
                 return False
         return True
 
     def token_of(self, seed):
+        """Every engine rank's greedy token and logits are those of one process's forward pass
+        of model `seed` in HF's layout (logits within 1e-4: TP sums round differently)."""
         from weight_sync.model import forward
 
-        tokens = {a["token"] for a in self.client.call("generate", tokens=[5, 17, 42, 101])}
+        answers = self.client.call("generate", tokens=[5, 17, 42, 101], logits=True)
         held = {k: v.bfloat16() for k, v in self.models[seed].items()}
-        return tokens == {int(forward(held, self.shape, [5, 17, 42, 101]).argmax())}
+        reference = forward(held, self.shape, [5, 17, 42, 101])
+        return all(
+            a["token"] == int(reference.argmax())
+            and (self.torch.tensor(a["logits"]) - reference).abs().max() < 1e-4
+            for a in answers
+        )
 
     def group(self, name, warmup=True):
         from weight_sync.trainer import create_update_group
@@ -449,6 +489,21 @@ def run_bad_inputs(t):
     expect_error("corrupted", updater.update)
     group.send = send
     report("corrupted after", t.same_as_before())
+
+    nan = {k: v.clone() for k, v in t.models[2].items()}  # checksums match: the trainer sent it
+    nan["model.layers.1.self_attn.k_proj.weight"][3, 5] = float("nan")
+    poisoned = t.updater(group, 2)
+    poisoned.weights = nan
+    expect_error("nan", poisoned.update)
+    report("nan after", t.same_as_before())
+    inf = {"model.norm.weight": t.models[2]["model.norm.weight"].clone()}
+    inf["model.norm.weight"][7] = float("inf")
+    expect_error("naive inf", lambda: t.push_naive(t.client, naive, inf))
+    report("naive inf after", t.same_as_before())
+    grown = t.updater(group, 2)  # prepared; then the trainer's lm_head grows: refused at once
+    grown.weights = dict(t.models[2], **{"lm_head.weight": torch.zeros(385, 96)})
+    expect_error("shape after prepare", grown.update)
+    report("shape after prepare after", t.same_as_before())
 
     t.group("wu-2")
     expect_error("twice, trainer", lambda: t.group("wu"))

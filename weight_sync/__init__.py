@@ -6,23 +6,27 @@ needs and does not teach: the model, the inference engine, its control plane, pr
 built from a store, the plan (layout, buckets, checksums) of the fast path, and SGLang's checks.
 
 Modules (each one job; communication primitives apart from the code that uses them):
-    model.py      LlamaShape, PRESETS, llama_specs, make_weights, shard_of, forward: a Llama-style
-                  model with HF parameter names, column/row-parallel TP shards, and a TP forward
-                  pass (greedy next token)
+    model.py      LlamaShape, PRESETS, shape_from_hf, llama_specs, make_weights, forward: a
+                  Llama model (HF's config and names; equal to transformers' LlamaForCausalLM)
+                  and a TP forward pass over vLLM-style shards (greedy next token)
+    vllm_layout.py  Span, vllm_specs, vllm_spans, hf_to_vllm, vllm_to_hf, check_engine_tp: how
+                  a vLLM-style engine holds the model per TP rank (fused qkv_proj, gate_up_proj,
+                  KV heads replicated when TP exceeds them), and HF <-> vLLM
     groups.py     make_group, Group, RecordingGroup, listening_store, store_client: process groups
                   built straight from a store (no default group needed, neither side's own world
                   is touched); every op returns a Work
     plan.py       Layout, cut_buckets, Plan, checksum_pieces, reference_checksums, digest: where
-                  every tensor lives in a flat byte buffer, cut in buckets, and the checksums
+                  every tensor lives in a flat byte buffer, cut in buckets (each piece: which
+                  part of which HF tensor), and the checksums
     control.py    EngineClient, Ticket, EngineError, Heartbeat: the control plane, JSON requests
                   and replies in a TCPStore that engine rank 0 hosts on 127.0.0.1. Every engine
                   rank answers every request itself.
     timing.py     Clock, broadcast_timing: device work and a broadcast, timed right
     engine.py     Engine, serve_engine: one TP rank of the engine, serving SGLang's
                   init_weight_update_group, update_weights_from_distributed (naive, one tensor
-                  per request) and get_weights_by_name
+                  per request) and get_weights_by_name, by HF name (converted on load)
     fast_path.py  FastPath, a base class of Engine: the fast path's prepare_weights_update /
-                  update_weights (staging, checksums, coverage, commit)
+                  update_weights (staging, checksums, coverage, finite values, commit)
     trainer.py    create_update_group, FastUpdater, check_read_back, check_generate: the
                   trainer's side of group creation, of the fast path, and of SGLang's checks
     __main__.py   an engine on its own
@@ -40,9 +44,10 @@ What a trainer uses is named here, from the module that holds it:
 from weight_sync.control import EngineError, engine_client
 from weight_sync.engine import POLL_S, serve_engine
 from weight_sync.groups import RecordingGroup
-from weight_sync.model import PRESETS, forward, llama_specs, make_weights, shard_of
+from weight_sync.model import PRESETS, forward, llama_specs, make_weights, shape_from_hf, shard_of
 from weight_sync.plan import Plan, checksum_pieces, reference_checksums
 from weight_sync.trainer import FastUpdater, check_generate, check_read_back, create_update_group
+from weight_sync.vllm_layout import check_engine_tp, engine_tp_sizes, hf_to_vllm, vllm_to_hf
 
 __all__ = [
     "POLL_S",
@@ -53,13 +58,18 @@ __all__ = [
     "RecordingGroup",
     "check_generate",
     "check_read_back",
+    "check_engine_tp",
     "checksum_pieces",
     "create_update_group",
     "engine_client",
+    "engine_tp_sizes",
     "forward",
+    "hf_to_vllm",
     "llama_specs",
     "make_weights",
     "reference_checksums",
     "serve_engine",
+    "shape_from_hf",
     "shard_of",
+    "vllm_to_hf",
 ]

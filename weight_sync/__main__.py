@@ -10,8 +10,10 @@ import os
 
 import torch
 
+from course.ranks import usage_error
 from weight_sync.engine import serve_engine
 from weight_sync.model import PRESETS
+from weight_sync.vllm_layout import check_engine_tp
 
 
 def main() -> None:
@@ -29,6 +31,10 @@ def main() -> None:
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     args = p.parse_args()
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    try:  # before anything runs: every rank says so, and none starts the engine
+        check_engine_tp(PRESETS[args.preset], size)
+    except ValueError as err:
+        usage_error(f"{args.preset} on {size} engine ranks: {err}")
     device = "cpu"
     if args.backend == "nccl":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

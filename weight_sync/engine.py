@@ -2,7 +2,9 @@
 
 Requests come over the control plane (control.py) and are the Engine's op_* methods; those of
 the fast path (prepare, receive, verify, commit) are in fast_path.py, a base class of Engine.
-The weights are the model's shards (model.py) in one flat buffer (plan.py's Layout); the
+The weights are the model's shards as vLLM holds them (vllm_layout.py: fused qkv_proj and
+gate_up_proj, KV heads replicated when TP exceeds them) in one flat buffer (plan.py's Layout);
+requests name HF's tensors, and the engine converts on load as vLLM's load_weights does. The
 weight-update groups are built from the trainer's store (groups.py)."""
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from weight_sync.groups import (
     store_client,
     torchrun_store,
 )
-from weight_sync.model import PRESETS, forward, llama_specs, model_name, one_weight, shard_of
+from weight_sync.model import PRESETS, LlamaShape, forward, llama_specs, model_name, one_weight
 from weight_sync.plan import Layout, digest
 from weight_sync.timing import broadcast_timing
+from weight_sync.vllm_layout import check_engine_tp, narrow, vllm_spans
 
 POLL_S = 0.002  # the naive engine's nap between two looks for a request
 
@@ -121,41 +124,77 @@ class Engine(FastPath):
     # -- the model
     def op_load_model(self, preset: str, seed: int, dtype: str) -> dict[str, int]:
         """Start over with model `seed` of shape `preset` (PRESETS), version 0."""
-        self.shape, self.dtype = PRESETS[preset], parse_dtype(dtype)
-        self.specs = llama_specs(self.shape)
-        self.layout = Layout(self.specs, self.dtype, self.tp_rank, self.tp_size)
+        if preset not in PRESETS:
+            raise Refused(f"no preset {preset!r}: use one of {sorted(PRESETS)}")
+        try:
+            check_engine_tp(PRESETS[preset], self.tp_size)
+        except ValueError as err:
+            raise Refused(f"{preset}: {err}") from None
+        self._load(PRESETS[preset], parse_dtype(dtype))
+        for name, _, _ in self.specs:  # HF's tensors one by one, each converted on load
+            self._load_hf(name, one_weight(self.shape, name, seed, self.device))
+        self.version = 0
+        return {"tensors": len(self.layout.entries), "bytes": self.layout.size}
+
+    def _load(self, shape: LlamaShape, dtype: torch.dtype) -> None:
+        self.shape, self.dtype = shape, dtype
+        self.specs = llama_specs(shape)  # HF's tensors: what requests name
+        self.full = {name: full for name, full, _ in self.specs}
+        self.layout = Layout.vllm(shape, dtype, self.tp_rank, self.tp_size)
+        self.hf_spans = {}  # HF name -> the Spans of this rank's tensors that hold part of it
+        for e in self.layout.entries:
+            for span in e.spans:
+                self.hf_spans.setdefault(span.hf_name, []).append(span)
         self.live = self.staging = self.weights = self.staged = self.wire = None  # free it first
         self.plans.clear()
         self.live, self.weights = self.layout.allocate(self.device)
-        for name, _, split in self.specs:
-            full = one_weight(self.shape, name, seed, self.device)
-            self.weights[name].copy_(shard_of(full, split, self.tp_rank, self.tp_size))
         self.staging, self.staged = self.layout.allocate(self.device)  # staged: its views
-        self.version = 0
-        return {"tensors": len(self.specs), "bytes": self.layout.size}
 
-    def op_generate(self, tokens: list[int]) -> dict[str, Any]:
-        """Greedy next token after `tokens` (every TP rank takes part in the forward pass)."""
-        logits = forward(self.weights, self.shape, tokens, self.tp_rank, self.tp_size, self.tp)
-        return {
-            "token": int(logits.argmax()),
-            "logit": float(logits.max()),
-            "version": self.version,
-        }
+    def _load_hf(self, name: str, full: torch.Tensor) -> None:
+        """vLLM's load_weights for one HF tensor: copy each part this rank holds into place."""
+        for s in self.hf_spans[name]:
+            narrow(self.weights[s.name], s.dim, s.start, s.stop).copy_(
+                narrow(full, s.dim, s.hf_start, s.hf_stop)
+            )
+
+    def op_generate(self, tokens: list[int], logits: bool = False) -> dict[str, Any]:
+        """Greedy next token after `tokens` (every TP rank takes part in the forward pass);
+        logits: also every logit of that position, gathered over the TP ranks."""
+        out = forward(self.weights, self.shape, tokens, self.tp_rank, self.tp_size, self.tp)
+        answer = {"token": int(out.argmax()), "logit": float(out.max()), "version": self.version}
+        return {**answer, "logits": out.tolist()} if logits else answer
 
     def op_get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[Any]:
-        """SGLang's: the first truncate_size rows of the full tensor, gathered over TP ranks."""
-        entry = self._entry(name)
-        shard = self.weights[name]
-        rows = min(truncate_size, shard.shape[0] * (self.tp_size if entry.split_dim == 0 else 1))
-        if entry.split_dim is None or self.tp_size == 1:
-            part = shard[:rows]
-        else:
-            mine = shard[: min(rows, shard.shape[0])].contiguous()
-            parts = [torch.empty_like(mine) for _ in range(self.tp_size)]
-            self.tp.all_gather(parts, mine).wait()
-            part = torch.cat(parts, dim=entry.split_dim)[:rows]
-        return part.float().cpu().tolist()
+        """SGLang's: the first truncate_size rows of HF's full tensor `name`, gathered over TP
+        ranks. Each rank writes the parts it is the first to hold (a KV head or a norm held by
+        several is written once) into zeros, and a sum over the ranks puts them together."""
+        self._check_name(name)
+        full = self.full[name]
+        rows = min(truncate_size, full[0])
+        part = torch.zeros((rows, *full[1:]), dtype=torch.float32, device=self.device)
+        for s in self.hf_spans[name]:
+            if self.tp_size > 1 and self._held_before(s):
+                continue
+            if s.dim == 0:  # HF rows hf_start:hf_stop, of which the first `rows`
+                end = min(s.hf_stop, rows)
+                if end > s.hf_start:
+                    mine = self.weights[s.name][s.start : s.start + end - s.hf_start]
+                    part[s.hf_start : end] = mine.float()
+            else:
+                part[:, s.hf_start : s.hf_stop] = self.weights[s.name][:rows].float()
+        if self.tp_size > 1:
+            self.tp.all_reduce(part).wait()  # zeros elsewhere: the sum is exact
+        return part.cpu().tolist()
+
+    def _held_before(self, span):
+        """Does a lower TP rank hold this same part of the HF tensor (a replicated one)?"""
+        key = (span.hf_name, span.dim, span.hf_start, span.hf_stop)
+        return any(
+            (s.hf_name, s.dim, s.hf_start, s.hf_stop) == key
+            for r in range(self.tp_rank)
+            for s in vllm_spans(self.shape, r, self.tp_size)
+            if s.hf_name == span.hf_name
+        )
 
     def op_get_version(self) -> dict[str, int]:
         return {"version": self.version}
@@ -231,23 +270,24 @@ class Engine(FastPath):
             )
         return self.groups[group_name]
 
-    def _entry(self, name):
-        if name not in self.layout.by_name:
-            near = difflib.get_close_matches(name, list(self.layout.by_name), n=1)
+    def _check_name(self, name):
+        """Requests name HF's tensors; the engine's own (fused) names are not among them."""
+        if name not in self.full:
+            near = difflib.get_close_matches(name, list(self.full), n=1)
             raise Refused(
                 f"name mismatch: this engine has no tensor {name!r}"
                 + (f" (did you mean {near[0]!r}?)" if near else "")
+                + (" (updates name HF's tensors; the engine fuses them)" if not near else "")
             )
-        return self.layout.by_name[name]
 
     def _mismatch(self, name, dtype, shape, wire):
-        """Why the tensor `name` as declared cannot go in (None if it can). wire: it goes on the
-        wire in the engine's dtype (the fast path); else it is converted once here (naive)."""
+        """Why the HF tensor `name` as declared cannot go in (None if it can). wire: it goes on
+        the wire in the engine's dtype (the fast path); else it is converted once here (naive)."""
         try:
-            self._entry(name)
+            self._check_name(name)
         except Refused as err:
             return str(err)
-        full = next(full for n, full, _ in self.specs if n == name)
+        full = self.full[name]
         if tuple(shape) != tuple(full):
             return (
                 f"shape mismatch for {name}: the engine's is {tuple(full)}, the update's "
@@ -264,9 +304,10 @@ class Engine(FastPath):
     def op_update_weights_from_distributed(
         self, names: list[str], dtypes: list[str], shapes: list[list[int]], group_name: str
     ) -> dict[str, list[float]]:
-        """Receive each declared tensor by broadcast, then copy this rank's shard into the live
-        weights, one by one: no staging, no checksum, no version (an update is torn if it fails
-        half way). A tensor that does not fit is received and dropped, never copied in."""
+        """Receive each declared HF tensor by broadcast, then copy the parts this rank holds
+        into its live (fused) tensors, one by one: no staging, no checksum, no version (an
+        update is torn if it fails half way). A tensor that does not fit, or holds a NaN or an
+        Inf, is received and dropped, never copied in."""
         group = self._group(group_name)
         if not len(names) == len(dtypes) == len(shapes):
             raise Refused(
@@ -282,13 +323,12 @@ class Engine(FastPath):
             group.sync()
             recv_s.append(time.perf_counter() - start)
             problem = self._mismatch(name, dtype, shape, wire=False)
+            if problem is None and not bool(torch.isfinite(incoming).all()):
+                problem = f"non-finite value (NaN or Inf) in {name}"
             if problem:
                 raise Refused(problem + " (received and dropped: the live weights are untouched)")
             start = time.perf_counter()
-            entry = self.layout.by_name[name]
-            self.weights[name].copy_(
-                shard_of(incoming, entry.split_dim, self.tp_rank, self.tp_size)
-            )
+            self._load_hf(name, incoming)  # this rank's parts of it, into the fused tensors
             group.sync()
             load_s.append(time.perf_counter() - start)
         return {"recv_s": recv_s, "load_s": load_s}
@@ -335,6 +375,7 @@ def serve_engine(
     """Run one engine rank of this torchrun job until shutdown; returns the Engine (its weights,
     its version). Engine rank 0 hosts the control plane on host:<free port> and says where in
     torchrun's store (and in port_file, if given)."""
+    check_engine_tp(PRESETS[preset], tp_size)  # ValueError on every rank, before anything runs
     timeout = seconds(timeout_s)
     session = next(_sessions)
     meeting = torchrun_store(timeout)

@@ -17,14 +17,17 @@ import torch.distributed as dist
 from weight_sync.control import Refused, parse_dtype
 from weight_sync.plan import Plan, checksum_pieces, lay_out_shards
 from weight_sync.timing import Clock
+from weight_sync.vllm_layout import narrow
 
 
 class FastPath:
     """The Engine's requests of the fast path, and the receive, verify and commit behind them."""
 
     def op_describe(self) -> dict[str, Any]:
-        """The engine's parameters (HF name, full shape, TP split dim), dtype and TP size."""
+        """The model's config (a LlamaShape), the HF tensors an update names (HF name, full
+        shape, TP split dim), the engine's dtype and TP size."""
         return {
+            "shape": self.shape._asdict(),
             "specs": self.specs,
             "dtype": str(self.dtype),
             "tp_size": self.tp_size,
@@ -48,7 +51,7 @@ class FastPath:
             for n, d, s in zip(names, dtypes, shapes)
             if (p := self._mismatch(n, parse_dtype(d), s, wire=True))
         ]
-        missing = [n for n in self.layout.by_name if n not in set(names)]
+        missing = [n for n in self.full if n not in set(names)]
         if missing:
             problems.append(
                 f"the update does not cover {len(missing)} tensor(s) of the engine: "
@@ -63,7 +66,7 @@ class FastPath:
                 + (" ..." if len(problems) > 4 else "")
                 + f" (nothing received; version {self.version} kept)"
             )
-        plan = Plan(self.specs, self.dtype, self.tp_size, bucket_bytes, resharding)
+        plan = Plan(self.shape, self.dtype, self.tp_size, bucket_bytes, resharding)
         positions = plan.table_positions(self.tp_rank)  # where my checksums are in the table
         plan.my_sums = torch.tensor(
             [at + i for b, at in positions for i in range(len(b.pieces))], device=self.device
@@ -74,7 +77,11 @@ class FastPath:
             if plan.slices_after_broadcast
             else None
         )
-        return {"specs": self.specs, "dtype": str(self.dtype), "buckets": len(plan.buckets)}
+        return {
+            "shape": self.shape._asdict(),
+            "dtype": str(self.dtype),
+            "buckets": len(plan.buckets),
+        }
 
     def op_warm_up(self, group_name: str, peers: list[int]) -> dict[str, Any]:
         self._group(group_name).warm_up(peers)
@@ -119,8 +126,11 @@ class FastPath:
     # --8<-- [end:commit]
 
     def _verify(self, mine, theirs, positions):
-        """None if every checksum matches and every tensor fully arrived; else what is wrong."""
-        bad = (mine != theirs).nonzero().flatten().tolist()
+        """None if every checksum matches, every tensor fully arrived and holds only finite
+        values; else what is wrong. Its one host sync reads all three at once."""
+        views = list(self.staged.values())
+        finite = torch.stack([torch.isfinite(v).all() for v in views])
+        bad, finite = (mine != theirs).nonzero().flatten().tolist(), finite.tolist()
         pieces = [p for b, _ in positions for p in b.pieces]
         if bad:
             names = ", ".join(
@@ -137,6 +147,19 @@ class FastPath:
             return (
                 f"coverage: {len(uncovered)} tensor(s) did not fully arrive on engine rank "
                 f"{self.tp_rank}: {', '.join(uncovered[:3])}"
+            )
+        if not all(finite):  # checksums match what the trainer sent: it sent a NaN or an Inf
+            e = self.layout.entries[finite.index(False)]
+            view = self.staged[e.name]
+            s = next(
+                s for s in e.spans if not torch.isfinite(narrow(view, s.dim, s.start, s.stop)).all()
+            )
+            return (
+                f"non-finite value (NaN or Inf) in {s.hf_name} (in {e.name} rows "
+                f"{s.start}:{s.stop} on engine rank {self.tp_rank})"
+                if s.dim == 0
+                else f"non-finite value (NaN or Inf) in {s.hf_name} (in {e.name} on engine "
+                f"rank {self.tp_rank})"
             )
         return None
 

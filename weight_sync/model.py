@@ -1,9 +1,11 @@
-"""The model of lesson 09: a Llama-style model with HF parameter names, its column/row-parallel
-TP shards, and a TP forward pass (greedy next token). Weights are made from a seed, any tensor
-on any rank alone; nothing is downloaded."""
+"""The model of lesson 09: a Llama model read from an HF-style config (LlamaShape), with HF's
+parameter names, and a TP forward pass (greedy next token) over the shards one rank holds as
+vLLM does (vllm_layout.py); it equals transformers' LlamaForCausalLM. Weights are made from a
+seed, any tensor on any rank alone; nothing is downloaded."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -13,30 +15,94 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from weight_sync.groups import Group
 
-ROPE_THETA = 500000.0  # Llama 3's rotary base
 NAMES = {1: "A", 2: "B", 3: "C"}  # the course's models by seed: the engine starts with A
 
 
 class LlamaShape(NamedTuple):
+    """A Llama model's config: HF's LlamaConfig fields under short names (hf_config() gives
+    HF's). rope_scaling: None, or HF's dict for Llama 3's {"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}."""
+
     vocab: int
     hidden: int
     intermediate: int
     layers: int
     heads: int
     kv_heads: int
+    rope_theta: float = 500000.0  # Llama 3's rotary base
+    rms_norm_eps: float = 1e-5
+    rope_scaling: dict | None = None
+
+
+HF_KEYS = {  # LlamaShape field -> HF LlamaConfig key
+    "vocab": "vocab_size",
+    "hidden": "hidden_size",
+    "intermediate": "intermediate_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_scaling": "rope_scaling",
+}
+
+
+def shape_from_hf(config: dict | object) -> LlamaShape:
+    """A LlamaShape from an HF-style config: a dict (config.json) or an object (LlamaConfig),
+    with rope_theta and rope_scaling (transformers 4) or rope_parameters (transformers 5).
+    Refuses what this model does not compute (biases, tied embeddings, another head_dim)."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    values = {f: get(k) for f, k in HF_KEYS.items() if get(k) is not None}
+    values.setdefault("kv_heads", values["heads"])
+    rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+    values["rope_theta"] = float(rope.pop("rope_theta", values.get("rope_theta", 500000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    values["rope_scaling"] = rope if kind != "default" else None
+    shape = LlamaShape(**values)
+    unsupported = {
+        "attention_bias": get("attention_bias", False),
+        "mlp_bias": get("mlp_bias", False),
+        "tie_word_embeddings": get("tie_word_embeddings", False),
+        "hidden_act": get("hidden_act", "silu") != "silu",
+        "head_dim": (get("head_dim") or shape.hidden // shape.heads) != shape.hidden // shape.heads,
+        f"rope_type {kind!r}": kind not in ("default", "llama3"),
+    }
+    if any(unsupported.values()):
+        raise ValueError(
+            f"this model does not compute {[k for k, v in unsupported.items() if v]}: use a Llama "
+            "config without them (silu, head_dim = hidden_size / heads, rope default or llama3)"
+        )
+    return shape
+
+
+def hf_config(shape: LlamaShape) -> dict:
+    """HF's LlamaConfig keyword arguments for `shape` (untied lm_head, no biases)."""
+    out = {k: getattr(shape, f) for f, k in HF_KEYS.items()}
+    return {**out, "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False}
 
 
 Weights = dict[str, torch.Tensor]  # {HF name: tensor}, full tensors or one TP rank's shards
 Spec = tuple[str, tuple[int, ...], int | None]  # (HF name, full shape, the dim split over TP)
 
+LLAMA3_ROPE = {  # Llama 3.1's rope_scaling (3.2-1B: factor 32)
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 PRESETS = {
     # lessons and tests: 21 tensors, every split divides by TP = 1, 2, 3 (and 6)
     "tiny": LlamaShape(vocab=384, hidden=96, intermediate=192, layers=2, heads=12, kv_heads=6),
+    # tests: one KV head (multi-query), replicated on every engine rank at TP > 1
+    "tiny-mqa": LlamaShape(vocab=384, hidden=96, intermediate=192, layers=2, heads=12, kv_heads=1),
     # the CPU benchmark: 39 tensors, 110 M parameters (220 MB in bf16)
     "small": LlamaShape(32000, 1024, 2816, 4, 16, 8),
     # exact HF shapes; lm_head kept as a tensor of its own (147 and 291 tensors, 3.0 and 16.1 GB)
-    "llama-3.2-1b": LlamaShape(128256, 2048, 8192, 16, 32, 8),
-    "llama-3.1-8b": LlamaShape(128256, 4096, 14336, 32, 32, 8),
+    "llama-3.2-1b": LlamaShape(
+        128256, 2048, 8192, 16, 32, 8, rope_scaling=LLAMA3_ROPE | {"factor": 32.0}
+    ),
+    "llama-3.1-8b": LlamaShape(128256, 4096, 14336, 32, 32, 8, rope_scaling=LLAMA3_ROPE),
 }
 
 
@@ -96,8 +162,29 @@ def make_weights(
 
 
 def shard_of(full: torch.Tensor, split_dim: int | None, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The part of `full` that engine rank `tp_rank` of `tp_size` holds (a view, no copy)."""
+    """Rank tp_rank's part of an even split of `full` along split_dim (a view, no copy). The
+    engine's own shards are vllm_layout.py's (fused, KV heads replicated past their count)."""
     return full if split_dim is None else full.chunk(tp_size, split_dim)[tp_rank]
+
+
+def rope_frequencies(shape: LlamaShape, device: torch.device | str) -> torch.Tensor:
+    """The rotary inverse frequencies, as HF computes them (Llama 3's scaling included)."""
+    hd = shape.hidden // shape.heads
+    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd
+    inverse = 1.0 / (shape.rope_theta**exponents)
+    scaling = shape.rope_scaling
+    if not scaling:
+        return inverse
+    factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inverse
+    # long wavelengths (beyond the original context / low) are slowed by `factor`, short ones
+    # (below it / high) kept, and those between blended smoothly
+    scaled = torch.where(wavelength > old / low, inverse / factor, inverse)
+    smooth = (old / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    between = (wavelength >= old / high) & (wavelength <= old / low)
+    return torch.where(between, blended, scaled)
 
 
 def forward(
@@ -107,9 +194,17 @@ def forward(
     tp_rank: int = 0,
     tp_size: int = 1,
     tp_group: Group | None = None,
+    every_position: bool = False,
 ) -> torch.Tensor:
-    """Logits of the last position after `tokens`, computed in float32 by one TP rank holding the
-    shards `weights`. With tp_size 1 and full weights: the single-process reference."""
+    """Logits of the last position after `tokens` (every_position: of each position), in
+    float32, by one TP rank holding the shards `weights` as vLLM does (vllm_layout.py: fused
+    qkv_proj and gate_up_proj, KV heads replicated when TP exceeds them). With tp_size 1, full
+    HF weights are accepted too (converted first): the single-process reference."""
+    from weight_sync.vllm_layout import check_engine_tp, hf_to_vllm
+
+    check_engine_tp(shape, tp_size)
+    if tp_size == 1 and "model.layers.0.self_attn.q_proj.weight" in weights:
+        weights = hf_to_vllm(weights, shape, 0, 1)
 
     def reduce(x):  # a row-parallel product is a partial sum on each rank: add them up
         if tp_size > 1:
@@ -120,37 +215,40 @@ def forward(
         return weights[name].float()
 
     def norm(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w(name)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + shape.rms_norm_eps) * w(name)
 
     tokens = torch.as_tensor(tokens, device=weights["model.norm.weight"].device)
     n, hd = len(tokens), shape.hidden // shape.heads
-    heads, kv_heads = shape.heads // tp_size, shape.kv_heads // tp_size
+    heads, kv_heads = shape.heads // tp_size, max(1, shape.kv_heads // tp_size)  # this rank's
     embed = w("model.embed_tokens.weight")  # vocab-parallel: this rank's rows of the vocabulary
     local = tokens - tp_rank * embed.shape[0]
     inside = ((local >= 0) & (local < embed.shape[0])).unsqueeze(1)
     x = reduce(F.embedding(local.clamp(0, embed.shape[0] - 1), embed) * inside)
-    inverse = ROPE_THETA ** (-torch.arange(0, hd, 2, device=x.device) / hd)
-    angles = torch.arange(n, device=x.device)[:, None] * inverse[None]
+    angles = torch.arange(n, device=x.device)[:, None].float() * rope_frequencies(shape, x.device)
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
 
     def rope(t):  # t: [heads, n, hd]
         return t * cos + torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
 
+    def heads_of(t, count):  # [n, count * hd] -> [count, n, hd]
+        return t.view(n, count, hd).transpose(0, 1)
+
     for i in range(shape.layers):
         p = f"model.layers.{i}."
         h = norm(x, p + "input_layernorm.weight")
-        q = rope((h @ w(p + "self_attn.q_proj.weight").T).view(n, heads, hd).transpose(0, 1))
-        k = rope((h @ w(p + "self_attn.k_proj.weight").T).view(n, kv_heads, hd).transpose(0, 1))
-        v = (h @ w(p + "self_attn.v_proj.weight").T).view(n, kv_heads, hd).transpose(0, 1)
+        qkv = h @ w(p + "self_attn.qkv_proj.weight").T  # [Q_r | K_r | V_r]: one product
+        q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
+        q, k, v = rope(heads_of(q, heads)), rope(heads_of(k, kv_heads)), heads_of(v, kv_heads)
         k, v = (t.repeat_interleave(heads // kv_heads, 0) for t in (k, v))
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
         x = x + reduce(att.reshape(n, heads * hd) @ w(p + "self_attn.o_proj.weight").T)
         h = norm(x, p + "post_attention_layernorm.weight")
-        up = F.silu(h @ w(p + "mlp.gate_proj.weight").T) * (h @ w(p + "mlp.up_proj.weight").T)
-        x = x + reduce(up @ w(p + "mlp.down_proj.weight").T)
-    logits = norm(x[-1:], "model.norm.weight") @ w("lm_head.weight").T  # this rank's vocab slice
+        gate, up = (h @ w(p + "mlp.gate_up_proj.weight").T).chunk(2, dim=1)
+        x = x + reduce((F.silu(gate) * up) @ w(p + "mlp.down_proj.weight").T)
+    last = x if every_position else x[-1:]
+    logits = norm(last, "model.norm.weight") @ w("lm_head.weight").T  # this rank's vocab slice
     if tp_size > 1:
         parts = [torch.empty_like(logits) for _ in range(tp_size)]
         tp_group.all_gather(parts, logits).wait()
         logits = torch.cat(parts, dim=1)
-    return logits[0]
+    return logits if every_position else logits[0]

@@ -12,46 +12,57 @@ from typing import NamedTuple
 
 import torch
 
-from weight_sync.model import LlamaShape, Spec, Weights, llama_specs, make_weights, shard_of
+from weight_sync.model import LlamaShape, Weights, llama_specs, make_weights
+from weight_sync.vllm_layout import Span, narrow, vllm_tensors
 
 ALIGN = 256  # bytes: each tensor starts at a multiple of this in a flat buffer
+Tensors = Iterable[tuple[str, tuple[int, ...], list[Span]]]  # (name, shard shape, its Spans)
 
 
 class Entry(NamedTuple):
-    name: str
+    name: str  # the engine's tensor (vLLM's name, e.g. a fused qkv_proj)
     shape: tuple  # this rank's shard
-    split_dim: int | None
+    spans: tuple  # Spans: which part of which HF tensor each part of it holds
     offset: int  # bytes from the start of the flat buffer, a multiple of ALIGN
     nbytes: int  # without the padding after it
 
 
 class Layout:
-    """Where each tensor of one engine rank lives in one flat byte buffer; views, no copies."""
+    """Where each tensor of one engine rank lives in one flat byte buffer; views, no copies.
+    Layout.vllm: an engine rank's tensors as vLLM holds them; Layout.hf: HF's full tensors."""
 
-    def __init__(
-        self, specs: Iterable[Spec], dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1
-    ) -> None:
+    def __init__(self, tensors: Tensors, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1):
         self.dtype, self.tp_rank, self.tp_size = dtype, tp_rank, tp_size
         self.entries, offset = [], 0
-        for name, full, split in specs:
-            shape = list(full)
-            if split is not None:
-                if full[split] % tp_size:
-                    raise ValueError(
-                        f"{name}: dim {split} of {tuple(full)} does not split into "
-                        f"{tp_size} equal TP shards; pick a TP size that divides it"
-                    )
-                shape[split] //= tp_size
+        for name, shape, spans in tensors:
             nbytes = math.prod(shape) * dtype.itemsize
-            if nbytes % 8:
-                raise ValueError(
-                    f"{name}: its shard is {nbytes} bytes, not a multiple of 8 "
-                    "(checksums read int64)"
-                )
-            self.entries.append(Entry(name, tuple(shape), split, offset, nbytes))
+            row_bytes = nbytes // shape[0]
+            for s in spans:  # checksums read int64: every span's bytes start and end on one
+                at = (s.start if s.dim == 0 else 0) * row_bytes
+                size = nbytes if s.dim else (s.stop - s.start) * row_bytes
+                if at % 8 or size % 8:
+                    raise ValueError(
+                        f"{name}: its part from {s.hf_name} takes bytes {at}:{at + size}, not "
+                        "whole multiples of 8 (checksums read int64)"
+                    )
+            self.entries.append(Entry(name, tuple(shape), tuple(spans), offset, nbytes))
             offset += -(-nbytes // ALIGN) * ALIGN
         self.size = offset
         self.by_name = {e.name: e for e in self.entries}
+
+    @classmethod
+    def vllm(cls, shape: LlamaShape, dtype: torch.dtype, tp_rank: int, tp_size: int) -> Layout:
+        return cls(vllm_tensors(shape, tp_rank, tp_size), dtype, tp_rank, tp_size)
+
+    @classmethod
+    def hf(cls, shape: LlamaShape, dtype: torch.dtype) -> Layout:
+        return cls(
+            [
+                (n, full, [Span(n, 0, 0, full[0], n, 0, full[0])])
+                for n, full, _ in llama_specs(shape)
+            ],
+            dtype,
+        )
 
     def views(self, flat: torch.Tensor) -> Weights:
         return {
@@ -63,16 +74,29 @@ class Layout:
         flat = torch.zeros(self.size, dtype=torch.uint8, device=device)
         return flat, self.views(flat)
 
+    def hf_views(self, flat: torch.Tensor) -> Weights:
+        """TP 1 only: HF's tensors as views of `flat` laid out as this layout (a fused qkv_proj
+        is q, k and v back to back): a trainer holding its weights so sends them with no copy."""
+        if self.tp_size != 1:
+            raise ValueError("hf_views: at TP > 1 a rank holds parts of HF's tensors, not them")
+        views = self.views(flat)
+        return {
+            s.hf_name: narrow(views[e.name], s.dim, s.start, s.stop)
+            for e in self.entries
+            for s in e.spans
+        }
+
 
 class Piece(NamedTuple):
-    """Rows start:stop of a tensor's shard (elements for a 1-D tensor), at `offset` in a bucket."""
+    """Rows start:stop of engine tensor `name` on engine rank tp_rank (elements of a 1-D one), at
+    `offset` in a bucket: the part weights[hf_name][hf_index] of HF's tensor hf_name."""
 
-    name: str
-    split_dim: int | None  # the dim of the full tensor split across TP ranks (None: replicated)
-    tp_rank: int  # the engine rank whose shard this is
-    tp_size: int
+    name: str  # the engine's tensor (vLLM's name) it lands in
     start: int
     stop: int
+    hf_name: str  # the HF tensor it comes from
+    hf_index: tuple  # slices: which rows (and columns) of that HF tensor
+    tp_rank: int  # the engine rank whose shard this is
     dtype: torch.dtype  # the engine's dtype: what goes on the wire
     offset: int  # bytes from the start of the bucket
     nbytes: int
@@ -92,43 +116,68 @@ class Bucket(NamedTuple):
         return self.end - self.start
 
 
+def _runs(e: Entry):
+    """(first row, rows, HF name, index of the HF tensor for rows a:b) of each Span of e."""
+    for s in e.spans:
+        if s.dim == 0:  # rows s.start:s.stop hold HF rows s.hf_start:s.hf_stop
+            yield (
+                s.start,
+                s.stop - s.start,
+                s.hf_name,
+                lambda a, b, s=s: (slice(s.hf_start + a - s.start, s.hf_start + b - s.start),),
+            )
+        else:  # every row, the HF tensor's columns s.hf_start:s.hf_stop
+            if len(e.spans) > 1:
+                raise ValueError(f"{e.name}: a column span must be its tensor's only span")
+            yield (
+                0,
+                e.shape[0],
+                s.hf_name,
+                lambda a, b, s=s: (
+                    slice(a, b),
+                    slice(s.hf_start, s.hf_stop),
+                ),
+            )
+
+
 def cut_buckets(layout: Layout, bucket_bytes: int, dst: int | None) -> list[Bucket]:
     """Cut a layout into buckets of at most bucket_bytes; a tensor that does not fit in what is
-    left of a bucket goes on in the next one, cut between rows."""
+    left of a bucket goes on in the next one, cut between rows. A piece never crosses from one
+    HF tensor to another (a fused qkv_proj is three pieces at least)."""
     buckets, pieces, start = [], [], 0
     for e in layout.entries:
-        rows = e.shape[0]
-        row_bytes = e.nbytes // rows
+        row_bytes = e.nbytes // e.shape[0]
         step = 8 // math.gcd(row_bytes, 8)  # cut every `step` rows: pieces of whole int64s
         if step * row_bytes > bucket_bytes:
             raise ValueError(
                 f"{step} row(s) of {e.name} take {step * row_bytes} bytes, more than "
                 f"a bucket ({bucket_bytes}): use larger buckets"
             )
-        row = 0
-        while row < rows:
-            at = e.offset + row * row_bytes
-            fit = min(rows - row, (start + bucket_bytes - at) // row_bytes)
-            if fit < rows - row:
-                fit -= fit % step
-            if fit <= 0:  # this bucket is full: close it where the next piece starts
-                buckets.append(Bucket(dst, layout.tp_rank, start, at, tuple(pieces)))
-                pieces, start = [], at
-                continue
-            pieces.append(
-                Piece(
-                    e.name,
-                    e.split_dim,
-                    layout.tp_rank,
-                    layout.tp_size,
-                    row,
-                    row + fit,
-                    layout.dtype,
-                    at - start,
-                    fit * row_bytes,
+        for first, rows, hf_name, index in _runs(e):
+            row = first
+            while row < first + rows:
+                at = e.offset + row * row_bytes
+                fit = min(first + rows - row, (start + bucket_bytes - at) // row_bytes)
+                if fit < first + rows - row:
+                    fit -= fit % step
+                if fit <= 0:  # this bucket is full: close it where the next piece starts
+                    buckets.append(Bucket(dst, layout.tp_rank, start, at, tuple(pieces)))
+                    pieces, start = [], at
+                    continue
+                pieces.append(
+                    Piece(
+                        e.name,
+                        row,
+                        row + fit,
+                        hf_name,
+                        index(row, row + fit),
+                        layout.tp_rank,
+                        layout.dtype,
+                        at - start,
+                        fit * row_bytes,
+                    )
                 )
-            )
-            row += fit
+                row += fit
     buckets.append(Bucket(dst, layout.tp_rank, start, layout.size, tuple(pieces)))
     return buckets
 
@@ -148,14 +197,15 @@ def checksum_pieces(bucket: Bucket, data: torch.Tensor) -> torch.Tensor:
 
 class Plan:
     """What the trainer and the engine agree on, each building it from the same metadata (sent
-    once): every engine rank's layout, and the buckets in the order they go on the wire.
+    once): every engine rank's layout (vLLM's: fused qkv_proj, gate_up_proj), and the buckets in
+    the order they go on the wire. The trainer holds HF's tensors: each piece says which part.
 
     resharding "shard": each engine rank gets only its shard, point to point (TP 1: a broadcast).
     resharding "broadcast": the full tensors go to every engine rank, which slices its shard."""
 
     def __init__(
         self,
-        specs: Iterable[Spec],
+        shape: LlamaShape,
         dtype: torch.dtype,
         tp_size: int,
         bucket_bytes: int,
@@ -163,16 +213,16 @@ class Plan:
     ) -> None:
         if resharding not in ("shard", "broadcast"):
             raise ValueError(f"resharding {resharding!r}: use 'shard' or 'broadcast'")
-        self.specs = [(name, tuple(full), split) for name, full, split in specs]
+        self.shape, self.specs = shape, llama_specs(shape)  # specs: the HF tensors to send
         self.dtype, self.tp_size, self.resharding = dtype, tp_size, resharding
-        self.layouts = [Layout(self.specs, dtype, r, tp_size) for r in range(tp_size)]
+        self.layouts = [Layout.vllm(shape, dtype, r, tp_size) for r in range(tp_size)]
         self.rank_buckets = [
             cut_buckets(layout, bucket_bytes, None if tp_size == 1 else 1 + r)
             for r, layout in enumerate(self.layouts)
         ]
         self.slices_after_broadcast = resharding == "broadcast" and tp_size > 1
         if self.slices_after_broadcast:
-            self.wire = Layout(self.specs, dtype)  # the full tensors, laid out for TP 1
+            self.wire = Layout.hf(shape, dtype)  # HF's full tensors, one after the other
             self.buckets = cut_buckets(self.wire, bucket_bytes, None)
             self.checksummed = [b for buckets in self.rank_buckets for b in buckets]
         else:  # one bucket for each rank in turn, so every rank is receiving from the start
@@ -204,12 +254,13 @@ class Plan:
 
     def flat_source(self, weights: Weights) -> torch.Tensor | None:
         """If `weights` are views of one flat buffer laid out exactly as the wire (TP 1, the
-        engine's dtype, the same offsets), that buffer as bytes: a bucket is then a slice of it,
-        no copy at all. Megatron and FSDP2 keep parameters in such buffers. Else None."""
-        if self.tp_size > 1:
+        engine's dtype, the same offsets: Layout.hf_views), that buffer as bytes: a bucket is
+        then a slice of it, no copy at all. Megatron and FSDP2 keep parameters in such
+        buffers. Else None."""
+        if self.tp_size > 1 or self.slices_after_broadcast:
             return None
         layout = self.layouts[0]
-        first, last = (weights[layout.entries[i].name] for i in (0, -1))
+        first, last = (weights[layout.entries[i].spans[0].hf_name] for i in (0, -1))
         key = (id(weights), first.data_ptr(), last.data_ptr())
         if getattr(self, "_flat_key", None) == key:  # checked already: 291 tensors take ~1 ms
             return self._flat
@@ -218,20 +269,23 @@ class Plan:
 
     def _find_flat(self, weights):
         layout = self.layouts[0]
-        storage = weights[layout.entries[0].name].untyped_storage()
+        storage = weights[layout.entries[0].spans[0].hf_name].untyped_storage()
         for e in layout.entries:
-            w = weights[e.name]
-            if (
-                w.dtype != self.dtype
-                or tuple(w.shape) != e.shape
-                or not w.is_contiguous()
-                or w.untyped_storage().data_ptr() != storage.data_ptr()
-                or w.storage_offset() * w.element_size() != e.offset
-            ):
-                return None
+            row_bytes = e.nbytes // e.shape[0]
+            for s in e.spans:  # at TP 1 each span is a whole HF tensor
+                w = weights[s.hf_name]
+                if (
+                    w.dtype != self.dtype
+                    or w.shape[s.dim] != s.stop - s.start
+                    or not w.is_contiguous()
+                    or w.untyped_storage().data_ptr() != storage.data_ptr()
+                    or w.storage_offset() * w.element_size()
+                    != e.offset + (s.start * row_bytes if s.dim == 0 else 0)
+                ):
+                    return None
         if storage.nbytes() < layout.size:
             return None
-        device = weights[layout.entries[0].name].device
+        device = weights[layout.entries[0].spans[0].hf_name].device
         return torch.empty(0, dtype=torch.uint8, device=device).set_(storage, 0, (layout.size,))
 
     def shard_checksums(
@@ -251,10 +305,14 @@ class Plan:
 
 
 def lay_out_shards(layout: Layout, weights: Weights, flat: torch.Tensor) -> None:
-    """Copy each whole shard of the full tensors `weights` into its place in `flat`."""
+    """Copy each part of HF's full tensors `weights` that the layout's rank holds into its
+    place in `flat` (HF -> vLLM for one rank, into a flat buffer)."""
     views = layout.views(flat)
     for e in layout.entries:
-        views[e.name].copy_(shard_of(weights[e.name], e.split_dim, layout.tp_rank, layout.tp_size))
+        for s in e.spans:
+            narrow(views[e.name], s.dim, s.start, s.stop).copy_(
+                narrow(weights[s.hf_name], s.dim, s.hf_start, s.hf_stop)
+            )
 
 
 def reference_checksums(plan: Plan, weights: Weights) -> torch.Tensor:
@@ -282,7 +340,7 @@ def reference_digest(
     shape: LlamaShape, seed: int, dtype: torch.dtype, tp_rank: int, tp_size: int
 ) -> str:
     """digest() of what an engine rank holds after loading model `seed`, single-process."""
-    layout = Layout(llama_specs(shape), dtype, tp_rank, tp_size)
+    layout = Layout.vllm(shape, dtype, tp_rank, tp_size)
     flat = torch.zeros(layout.size, dtype=torch.uint8)
     lay_out_shards(layout, make_weights(shape, seed, "cpu"), flat)
     return digest(layout, flat)

@@ -124,7 +124,7 @@ class FastUpdater:
             resharding=self.resharding,
         )[0]
         self.plan = Plan(
-            answer["specs"],
+            LlamaShape(**answer["shape"]),
             parse_dtype(answer["dtype"]),
             self.client.tp_size,
             self.bucket_bytes,
@@ -174,11 +174,17 @@ def check_read_back(
 def check_generate(
     client: EngineClient, weights: Weights, dtype: torch.dtype, shape: LlamaShape
 ) -> int:
-    """Every engine rank's greedy next token after PROMPT (a forward pass over its TP ranks)
-    against the single-process forward pass of `weights` as the engine holds them (in `dtype`).
-    Returns the token; raises AssertionError if a rank disagrees."""
-    tokens = {answer["token"] for answer in client.call("generate", tokens=PROMPT)}
+    """Every engine rank's greedy next token after PROMPT and its logits (a forward pass over
+    its TP ranks, on vLLM-style shards) against the single-process forward pass of `weights`,
+    HF's tensors as the engine holds them (in `dtype`). Returns the token; raises
+    AssertionError if a rank disagrees (logits: beyond 1e-4, the TP sums' rounding)."""
     held = {name: w.to(dtype) for name, w in weights.items()}
-    expected = int(forward(held, shape, PROMPT).argmax())
-    assert tokens == {expected}, f"engine ranks said {tokens}, the reference {expected}"
+    reference = forward(held, shape, PROMPT).cpu()
+    expected = int(reference.argmax())
+    for r, answer in enumerate(client.call("generate", tokens=PROMPT, logits=True)):
+        gap = (torch.tensor(answer["logits"]) - reference).abs().max().item()
+        assert answer["token"] == expected and gap < 1e-4, (
+            f"engine rank {r} said token {answer['token']}, the reference {expected}; "
+            f"largest logit gap {gap:.2e}"
+        )
     return expected

@@ -2,16 +2,15 @@
 
 import torch
 
-from weight_sync import checksum_pieces, shard_of
+from weight_sync import checksum_pieces
 
 
 def pack_bucket(bucket, weights, out):
     for p in bucket.pieces:
-        shard = shard_of(weights[p.name], p.split_dim, p.tp_rank, p.tp_size)
-        # wrong: always the shard's first rows. Right while every tensor fits in one bucket;
-        # a tensor cut over two buckets gets its first rows twice and never its last ones.
-        rows = shard[: p.stop - p.start]
-        out[p.offset : p.offset + p.nbytes].view(p.dtype).view(rows.shape).copy_(rows)
+        rows = weights[p.hf_name][p.hf_index]
+        # wrong: every piece at the start of the bucket, not at p.offset. Right while a bucket
+        # holds one piece; a fused qkv_proj is three pieces at least, so q is overwritten.
+        out[: p.nbytes].view(p.dtype).view(rows.shape).copy_(rows)
 
 
 def push_update(group, plan, weights):

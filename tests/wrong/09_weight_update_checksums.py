@@ -4,21 +4,21 @@ shard (plan.shard_checksums). Its check must say the checksums are wrong, not cr
 
 import torch
 
-from weight_sync import checksum_pieces, shard_of
+from weight_sync import checksum_pieces
 
 
 # --8<-- [start:ex-09-1]
 def pack_bucket(bucket, weights, out):
     """Exercise 09.1 (1 of 2): fill `out`, the bytes of `bucket`, from the trainer's full tensors.
 
-    For each piece of bucket.pieces: take weights[piece.name], cut out the shard engine rank
-    piece.tp_rank holds (shard_of(full, piece.split_dim, piece.tp_rank, piece.tp_size)), keep
-    its rows piece.start:piece.stop, and copy them into out at piece.offset (piece.nbytes bytes)
-    as piece.dtype, the engine's dtype: copy_ into a view of that dtype converts.
+    For each piece of bucket.pieces: take the part weights[piece.hf_name][piece.hf_index] of
+    the HF tensor (rows of engine rank piece.tp_rank's shard, which the engine holds fused as
+    vLLM does: q, k and v in one qkv_proj), and copy it into out at piece.offset (piece.nbytes
+    bytes) as piece.dtype, the engine's dtype: copy_ into a view of that dtype converts.
     """
     # YOUR CODE BELOW
     for p in bucket.pieces:
-        rows = shard_of(weights[p.name], p.split_dim, p.tp_rank, p.tp_size)[p.start : p.stop]
+        rows = weights[p.hf_name][p.hf_index]
         # a strided slice (a row-parallel shard) and float32 -> bf16 both happen in this one copy
         out[p.offset : p.offset + p.nbytes].view(p.dtype).view(rows.shape).copy_(rows)
 
