@@ -1,12 +1,19 @@
-"""Start ranks from outside them: from a notebook cell, a test or an exercise check.
+"""Start ranks from outside them: from a notebook cell, a test, an exercise check, or a lesson
+started with plain python.
 
-launch() runs torchrun in a subprocess and returns what the ranks printed, in rank order;
-run_lesson() prints that and raises if the run failed. Both are bounded in time: a run that
-takes too long is stopped with SIGTERM (torchrun passes it on to every rank), each rank's
-Python stack says where it was stuck, and no process of the run is left behind. Every process
-of a run carries the run's own COURSE_STACK_DIR in its environment, inherited by the children
-a rank starts and kept by orphans that have left torchrun's process tree: that is how the
-launcher finds them all afterwards, to report and kill them.
+launch() starts the ranks through torch's elastic launcher, the agent torchrun runs, called as a
+function in this process: the ranks are forked from a process that has already imported torch
+(a forkserver kept warm for the life of this process, or this process itself), so a launch
+takes well under a second instead of torchrun's 5-8 s. The ranks get torchrun's environment
+variables and rendezvous; the lesson runs as under torchrun, with `__name__ == "__main__"`.
+run_lesson() prints what the ranks said, in rank order, and raises if the run failed.
+
+Every run is bounded in time: a run that takes too long is stopped with SIGTERM, each rank's
+Python stack says where it was stuck, and no process of the run is left behind. Each rank
+leads a process group of its own (its children join it) and carries the run's
+COURSE_STACK_DIR in its environment (its exec'd children inherit it, even those that leave the
+group): that is how the launcher finds them all afterwards, to report and kill them.
+run_command() runs a command that starts ranks itself (real torchrun, two nodes), bounded alike.
 """
 
 from __future__ import annotations
@@ -14,12 +21,17 @@ from __future__ import annotations
 import ast
 import contextlib
 import linecache
+import logging
+import multiprocessing
 import os
 import re
+import runpy
 import signal
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from subprocess import PIPE, STDOUT, Popen, TimeoutExpired
@@ -34,13 +46,20 @@ RUN_ENV = {"OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": 
 MARK = "COURSE_STACK_DIR"  # a folder per run: where each rank stopped by SIGTERM leaves its stack
 RANK_LINE = re.compile(r"\[rank ?(\d+)\]:? ")  # ours, "[rank 3] ", and torch's "[rank3]: "
 TORCHRUN_LOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d")  # torchrun's own log lines
+# What torch's elastic agent sets for each rank; a caller's own values must not hide them.
+AGENT_VARS = {
+    *"RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK GROUP_WORLD_SIZE ROLE_RANK".split(),
+    *"ROLE_NAME ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT TORCH_NCCL_ASYNC_ERROR_HANDLING".split(),
+}
+# What the forkserver imports once, so that every rank forked from it starts with them loaded.
+PRELOAD = ["torch", "torch.distributed", "course.ranks", "course.check"]
 
 
 class Launched(NamedTuple):
     returncode: int  # -1: the launcher stopped the run (see timed_out)
     lines: list[str]  # "[rank N]" lines in rank order (stable), then every other line as it came
     seconds: float
-    stuck: list[str]  # where each rank was, if the run (or torchrun, after a failure) stopped it
+    stuck: list[str]  # where each rank was, if the run (or a failed rank) made the launcher stop it
     leftovers: int  # processes of this run still alive afterwards (killed, but counted)
 
     @property
@@ -58,12 +77,282 @@ def launch(
     args: Iterable = (),
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    *,
+    via: str = "forkserver",
 ) -> Launched:
-    """Run `target` (a .py file, or a module for -m) on `nproc` ranks under torchrun."""
-    what = [str(target)] if str(target).endswith(".py") else ["-m", str(target)]
-    return run_command(
-        [*TORCHRUN, f"--nproc-per-node={nproc}", *what, *map(str, args)], timeout, env
+    """Run `target` (a .py file, or a module as for -m) on `nproc` ranks. via: "forkserver" (the
+    warm default), "fork" (from this process: fastest when it has torch imported and no other
+    threads), or "torchrun" (the real command, in a subprocess)."""
+    if via == "torchrun":
+        what = [str(target)] if str(target).endswith(".py") else ["-m", str(target)]
+        cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", *what, *map(str, args)]
+        return run_command(cmd, timeout, env)
+    with tempfile.TemporaryDirectory(prefix="course-run-") as run:
+        start, failed, timed_out = time.monotonic(), None, False
+        thread = _start_agent(target, nproc, [str(a) for a in args], env or {}, run, via, False)
+        try:
+            timed_out = not _wait(thread, start + timeout)
+        except BaseException:  # an interrupted notebook cell, a test timeout: stop the ranks too
+            _stop(thread, run)
+            raise
+        finally:
+            if timed_out:
+                _stop(thread, run)
+            lost = _stop_lost_ranks(run)  # alive when the agent had given them up
+            leftovers = _kill_all(run)  # e.g. a child a rank started and never ended
+        failed = thread.failure
+        stuck = _where_stuck(run)
+        said = [_failure_line(failed, run, lost)] if failed and not timed_out else []
+        lines = _rank_order(run, nproc) + said
+    if stuck and timed_out:
+        stuck.insert(0, f"stopped after {timeout:.0f} s; where each rank was:")
+    elif stuck:
+        stuck.insert(0, "the launcher stopped the other ranks; where they were:")
+    code = -1 if timed_out else (1 if failed else 0)
+    return Launched(code, lines, time.monotonic() - start, stuck, leftovers)
+
+
+def relaunch(nproc: int, argv: list[str], timeout: float | None = None) -> int:
+    """`python lesson.py`: run this same program on `nproc` ranks forked from this process,
+    their output straight to this terminal; Ctrl-C stops them all and shows where each was."""
+    import torch.distributed  # noqa: F401  (imported once here, not once per rank)
+
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    target = spec.name.removesuffix(".__main__") if spec else os.path.abspath(main.__file__)
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped from outside: stop the ranks as Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="course-run-") as run:
+        thread = _start_agent(target, nproc, argv, {}, run, "fork", True)
+        try:
+            done = _wait(thread, time.monotonic() + (timeout or float("inf")))
+        except KeyboardInterrupt:
+            done = False
+        finally:
+            if not thread.finished.is_set():
+                _stop(thread, run)
+            _kill_all(run)
+        stuck = _where_stuck(run)
+        if not done:
+            stuck.insert(0, "stopped; where each rank was:")
+        elif stuck:
+            stuck.insert(0, "the launcher stopped the other ranks; where they were:")
+        if thread.failure and done:
+            stuck.insert(0, _failure_line(thread.failure, run))
+        if stuck:
+            print("\n".join(stuck), file=sys.stderr, flush=True)
+    return 0 if done and not thread.failure else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _Agent(threading.Thread):
+    """torch's elastic agent (torchrun's) in a thread: the caller's main thread stays free to
+    time the run and to take Ctrl-C, and the agent installs no signal handlers of its own."""
+
+    def __init__(self, config, args):
+        super().__init__(daemon=True, name="course-launcher-agent")
+        self.config, self.args, self.failure = config, args, None
+        # Waited on instead of join(): a join() that Ctrl-C interrupts marks the thread as
+        # stopped while it still runs (CPython's bpo-45274 fix), and we would stop nothing.
+        self.finished = threading.Event()
+
+    def run(self):
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.launcher.api import elastic_launch
+
+        _quiet_agent()
+        try:
+            elastic_launch(self.config, _rank_main)(*self.args)
+        except ChildFailedError as err:
+            self.failure = err.failures  # {rank: ProcessFailure}, exit codes and times
+        except Exception as err:  # the agent itself failed (e.g. rendezvous): report it as is
+            self.failure = {-1: err}
+        finally:
+            self.finished.set()
+
+
+def _quiet_agent() -> None:
+    """The agent logs what it sees (a rank failed, it stopped the others): we say it ourselves."""
+    for name in list(logging.Logger.manager.loggerDict):  # the agent's logs are not the lesson's:
+        if name.startswith(
+            ("torch.distributed.elastic", "torch.distributed.la", "torch.mu", "torchel")
+        ):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # what failed, we report ourselves
+
+
+_forkserver_ready = False
+
+
+def _start_agent(target, nproc, argv, env, run, via, stream) -> _Agent:
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    global _forkserver_ready
+    if via == "forkserver" and not _forkserver_ready:  # preloaded once, before its first start
+        multiprocessing.set_forkserver_preload(PRELOAD)
+        _forkserver_ready = True
+    target = str(target)
+    if target.endswith(".py"):
+        target = os.path.abspath(target)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",  # a free port, as torchrun --standalone
+        start_method=via,
+        max_restarts=0,
+        monitor_interval=0.05,  # how often the agent looks at its ranks (torchrun: 0.1 s)
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run, "logs")),
     )
+    # The ranks see this process's environment as it is now, as torchrun's would (the forkserver
+    # holds the one it started with), less what the agent sets for each rank.
+    mine = {k: v for k, v in os.environ.items() if k not in AGENT_VARS and "TORCHELASTIC" not in k}
+    env = {**mine, **RUN_ENV, **env, MARK: run}
+    thread = _Agent(config, (target, argv, env, os.getcwd(), stream))
+    thread.start()
+    return thread
+
+
+def _rank_main(target: str, argv: list[str], env: dict, cwd: str, stream: bool) -> None:
+    """One rank, in its forked process: what torchrun's child would be, then the program."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked from relaunch(), which catches it
+    os.environ.update(env)
+    os.setpgid(0, 0)  # a process group of its own, which its children join: found and stopped
+    run, rank = Path(env[MARK]), os.environ["RANK"]
+    (run / f"pid.{rank}.{os.getpid()}").touch()
+    if not stream:  # this rank's output, in the order it wrote it, in a file of its own
+        out = os.open(run / f"out.{int(rank):05d}.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+    import torch
+
+    from course import ranks
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch was imported before it
+    ranks.dump_stack_on_sigterm()
+    os.chdir(cwd)
+    sys.argv = [target, *argv]
+    try:
+        if target.endswith(".py"):
+            sys.path.insert(0, os.path.dirname(target))  # as `python file.py` would
+            runpy.run_path(target, run_name="__main__")
+        else:
+            sys.path.insert(0, cwd)  # as `python -m module` would
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) or err.code is None else 1
+        if code:  # as Python would: a message is printed, a number is the exit code
+            if not isinstance(err.code, int):
+                print(err.code, file=sys.stderr)
+            _exit(code)
+    except BaseException as err:  # as Python would at the top level: the traceback, then exit 1
+        tb = err.__traceback__  # from the program's first frame on, not the launcher's or runpy's
+        while tb and tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>"):
+            tb = tb.tb_next
+        # torch's hook, once a group exists, prefixes each line with "[rankN]: "
+        sys.excepthook(type(err), err.with_traceback(tb), tb)
+        _exit(1)
+    sys.stdout.flush()
+
+
+def _exit(code: int) -> None:
+    """Leave now with `code`: the agent reads it as the rank's exit code, as torchrun would."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    Path(os.environ[MARK], f"exit.{os.environ['RANK']}").write_text(repr(time.time()))
+    os._exit(code)
+
+
+def _wait(thread: _Agent, deadline: float) -> bool:
+    """Until the agent has returned (True) or the deadline passed (False); Ctrl-C raises."""
+    while not thread.finished.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            return False
+    return True
+
+
+def _rank_pids(run: str) -> list[int]:
+    return [int(p.name.split(".")[2]) for p in Path(run).glob("pid.*")]
+
+
+def _rank_order(run: str, nproc: int) -> list[str]:
+    """Every rank's output: "[rank N]" lines in rank order (stable), then the rest, rank by rank."""
+    lines = []
+    for path in sorted(Path(run).glob("out.*.txt")):
+        lines += path.read_text(errors="replace").splitlines()
+    ranked = sorted((int(m[1]), i) for i, line in enumerate(lines) if (m := RANK_LINE.match(line)))
+    return [lines[i] for _, i in ranked] + [line for line in lines if not RANK_LINE.match(line)]
+
+
+def _failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
+    """Which rank failed first, how, and what happened to the others, in one line."""
+    if -1 in failures:
+        return f"launcher: the elastic agent failed: {failures[-1]}"
+    if lost or all(f.exitcode == 255 for f in failures.values()):  # what a lost forkserver says
+        return (
+            "launcher: the forkserver the ranks were forked from is gone (killed from outside?): "
+            f"the run is lost{f'; stopped the {len(lost)} ranks still running' if lost else ''}"
+        )
+    # The agent stamps a failure with the second it saw it, so ranks that end together tie. A
+    # rank that ended through _exit() wrote the time it did; one killed by a signal (an abort,
+    # a crash, SIGKILL) wrote nothing, and it goes first: the others can only have noticed it.
+    # A rank can also die of a fatal signal as the agent stops the others for another's exit,
+    # unreported: faulthandler's "Fatal Python error" in its output says so.
+    codes = {r: f.exitcode for r, f in failures.items()} | _fatal(run)
+    exits = {r: float(p.read_text()) for r in codes if (p := Path(run, f"exit.{r}")).exists()}
+    signalled = {r for r, code in codes.items() if code < 0 and code != -signal.SIGTERM}
+    when = {r: exits.get(r, failures[r].timestamp if r in failures else 0) for r in codes}
+    first = min(codes, key=lambda r: (r not in signalled, when[r], r))
+    stopped = sorted(r for r in codes if r != first and codes[r] == -signal.SIGTERM)
+    line = f"launcher: rank {first} failed first (exit code {codes[first]})"
+    if stopped:
+        line += f"; the launcher stopped rank{'s' * (len(stopped) > 1)} "
+        line += ", ".join(map(str, stopped))
+    return line
+
+
+FATAL = {"Aborted": -6, "Segmentation fault": -11, "Bus error": -7, "Floating point exception": -8}
+
+
+def _fatal(run: str) -> dict[int, int]:
+    """{rank: exit code} of the ranks whose output shows faulthandler's report of a fatal signal."""
+    found = {}
+    for path in Path(run).glob("out.*.txt"):
+        if m := re.search(
+            r"^Fatal Python error: (\w[\w ]*)", path.read_text(errors="replace"), re.M
+        ):
+            found[int(path.stem.split(".")[1])] = FATAL.get(m[1], -6)
+    return found
+
+
+def _stop_lost_ranks(run: str) -> list[int]:
+    """Ranks still running once the agent has returned: SIGTERM (their stacks are written),
+    then whatever is left is killed with the rest of the run."""
+    lost = []
+    for pid in _rank_pids(run):
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                lost.append(psutil.Process(pid))
+    for p in lost:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    psutil.wait_procs(lost, timeout=10)
+    return [p.pid for p in lost]
+
+
+def _stop(thread: _Agent, run: str) -> None:
+    """SIGTERM to every rank (each then writes its stack, and the agent sees them fail), then
+    wait for the agent; SIGKILL what is left if it takes longer than 15 s."""
+    for pid in _rank_pids(run):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    if not thread.finished.wait(15):
+        _kill_all(run)
+        thread.finished.wait(15)
 
 
 def run_command(
@@ -80,9 +369,9 @@ def run_command(
         try:
             out, timed_out = proc.communicate(timeout=timeout)[0], False
         except TimeoutExpired:
-            out, timed_out = _stop(proc, run), True
+            out, timed_out = _stop_command(proc, run), True
         except BaseException:  # an interrupted notebook cell, a test timeout: stop the ranks too
-            _stop(proc, run)
+            _stop_command(proc, run)
             raise
         finally:  # e.g. a child a rank started and never ended: it outlives torchrun
             leftovers = _kill_all(run)
@@ -106,7 +395,7 @@ def processes_with(name: str, value: str) -> list[psutil.Process]:
     ]
 
 
-def _stop(proc: Popen, run: str) -> str:
+def _stop_command(proc: Popen, run: str) -> str:
     """SIGTERM to torchrun, which passes it to every rank (each then writes its stack), or to
     the ranks themselves if torchrun is gone. SIGKILL only as a last resort: torchrun starts
     ranks in their own sessions, so killing it alone would orphan them."""
@@ -124,15 +413,35 @@ def _stop(proc: Popen, run: str) -> str:
 
 def _kill_all(run: str) -> int:
     """SIGKILL every process of the run still alive, until none is (one may start another as
-    it goes); how many there were."""
-    seen: set[psutil.Process] = set()
-    while fresh := [p for p in processes_with(MARK, run) if p not in seen]:
+    it goes); how many there were. The run's processes: those whose environment holds its mark
+    (exec'd ones), and those in the process group of one of its ranks (forked ones)."""
+    groups, seen = set(_rank_pids(run)), set()
+    while fresh := [p for p in _processes_of(run, groups) if p not in seen]:
+        # One that ends within a second of its rank (e.g. multiprocessing's resource tracker)
+        # has not been left behind.
+        fresh = psutil.wait_procs(fresh, timeout=1)[1]
+        torchs = {p for p in fresh if _name(p) == "torch_shm_manager"}  # torch's: ends late itself
         for p in fresh:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         psutil.wait_procs(fresh, timeout=5)
-        seen.update(fresh)
+        seen.update(set(fresh) - torchs)
     return len(seen)
+
+
+def _name(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return p.name()
+    return ""
+
+
+def _processes_of(run: str, groups: set[int]) -> list[psutil.Process]:
+    found = processes_with(MARK, run)
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if p not in found and os.getpgid(p.pid) in groups:
+                found.append(p)
+    return found
 
 
 def _tidy(lines: list[str]) -> list[str]:

@@ -3,7 +3,7 @@
 - parser() and setup(): torchrun's variables, backend and device, init, teardown that always runs
 - print_rank / print0: each line prefixed "[rank N]" and written in one write(), never torn
 - needs: the world sizes a lesson can use, checked on every rank before any collective
-- self-launch: `python lessons/NN_topic.py [--nproc N]` re-runs itself under torchrun
+- self-launch: `python lessons/NN_topic.py [--nproc N]` runs itself on N ranks (start_ranks)
 Starting ranks from outside (notebooks, tests, exercise checks) is course/launcher.py.
 """
 
@@ -29,14 +29,18 @@ EVEN: Needs = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2
 AT_LEAST_2: Needs = ("at least 2 ranks", lambda n: n >= 2)
 
 
-# Started by course.launcher? Then, if the run is stopped (SIGTERM), leave this rank's Python
-# stack in a file, so the launcher can say where each rank was stuck.
-if "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ and hasattr(faulthandler, "register"):
-    _stack_path = f"rank{os.environ['RANK']}.{os.getpid()}.txt"
-    _stack_fd = os.open(
-        Path(os.environ["COURSE_STACK_DIR"]) / _stack_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    )  # open for the process's lifetime
-    faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
+def dump_stack_on_sigterm() -> None:
+    """Started by course.launcher? Then, if the run is stopped (SIGTERM), leave this rank's
+    Python stack in a file, so the launcher can say where each rank was stuck."""
+    global _stack_fd
+    if _stack_fd is None and "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ:
+        path = Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.{os.getpid()}.txt"
+        _stack_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # for the process's life
+        faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
+
+
+_stack_fd = None
+dump_stack_on_sigterm()  # under torchrun (run by the launcher): a rank imports this module fresh
 
 
 def print_rank(*args: object, sep: str = " ") -> None:
@@ -160,13 +164,13 @@ def setup(
 ) -> Iterator[Rank]:
     """Join the process group for the length of a `with` block, and leave it however it ends.
     `needs` = (text, test): the world sizes the program accepts. Opt-ins, each visible at the
-    call: relaunch=True lets plain `python lesson.py` start torchrun for itself; trace=DIR
+    call: relaunch=True lets plain `python lesson.py` start its ranks itself; trace=DIR
     records the block with torch.profiler on every rank and merges the ranks (course/trace.py)."""
     if "RANK" not in os.environ:  # not started by torchrun
         if not relaunch:
             command = f"torchrun --nproc-per-node 4 {' '.join(_main_target())}"
             usage_error(f"start this program with torchrun, e.g. {command}", every_rank=False)
-        restart_under_torchrun(args.nproc, needs)
+        start_ranks(args.nproc, needs)
     rank, local_rank, world_size, local_world_size = (
         int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     )
@@ -226,15 +230,14 @@ def _require(world_size, needs, started_with):
         )
 
 
-def restart_under_torchrun(nproc: int, needs: Needs | None = None) -> NoReturn:
-    """Plain `python lesson.py`: replace this process with torchrun running the same file."""
+def start_ranks(nproc: int, needs: Needs | None = None) -> NoReturn:
+    """Plain `python lesson.py`: run this same file on `nproc` ranks, started by torch's elastic
+    launcher (torchrun's agent) from this process, and exit as they did."""
     _require(nproc, needs, f"--nproc {nproc}")
-    # Drop --nproc: torchrun would read it as an abbreviation of its own --nproc-per-node.
-    argv = sys.argv[1:]
+    argv = sys.argv[1:]  # the ranks' own flags, without --nproc (and its value, if apart)
     drop = {i for i, a in enumerate(argv) if a.startswith("--nproc")}
-    drop |= {i + 1 for i in drop if argv[i] == "--nproc"}  # and its value, given apart from it
-    argv = [a for i, a in enumerate(argv) if i not in drop]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun warns and sets 1 otherwise
+    drop |= {i + 1 for i in drop if argv[i] == "--nproc"}
+    from course import launcher
+
     sys.stdout.flush()
-    os.execv(sys.executable, [*torchrun, f"--nproc-per-node={nproc}", *_main_target(), *argv])
+    raise SystemExit(launcher.relaunch(nproc, [a for i, a in enumerate(argv) if i not in drop]))

@@ -9,7 +9,7 @@ The idea
 
 Run it
     torchrun --nproc-per-node 4 lessons/00_hello.py     # 4 ranks on this machine
-    python lessons/00_hello.py --nproc 2                # plain python: starts torchrun for you
+    python lessons/00_hello.py --nproc 2                # plain python: starts 2 ranks for you
     torchrun --nproc-per-node 2 lessons/00_hello.py --init-method tcp://127.0.0.1:29400
     Two machines: on each, with its own --node-rank (README, "Several nodes"):
     torchrun --nnodes 2 --node-rank 0 --nproc-per-node 2 \\
@@ -50,7 +50,7 @@ import torch.distributed as dist
 from course import trace
 
 # spread(t): max minus min of t over the ranks, two all_reduce(MAX) (course/ranks.py).
-from course.ranks import parser, print0, print_rank, restart_under_torchrun, spread, usage_error
+from course.ranks import parser, print0, print_rank, spread, start_ranks, usage_error
 
 SEED = 1234  # every rank seeds with the same number, so every rank builds the same weights
 # What torchrun puts in each rank's environment (GROUP_RANK is the node's index).
@@ -215,8 +215,8 @@ def main():
         help="env:// (torchrun's MASTER_ADDR/PORT) or tcp://HOST:PORT",
     )
     args = p.parse_args()
-    if "RANK" not in os.environ:  # started with plain python: re-run this file under torchrun
-        restart_under_torchrun(args.nproc)
+    if "RANK" not in os.environ:  # plain python: run this file on N ranks, as torchrun would
+        start_ranks(args.nproc)
     print_rank("torchrun set " + " ".join(f"{k}={os.environ.get(k)}" for k in TORCHRUN_VARS))
     if args.debug:  # name mismatched collectives; read at import, so set the level directly
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"

@@ -18,15 +18,17 @@ def lesson_ids():
     return [path.stem for path in LESSONS]
 
 
-def run_ranks(target, nproc=4, args=(), timeout=180, env=None):
-    """torchrun `target` on `nproc` gloo ranks; the run must leave no process behind."""
-    result = launch(target, nproc, args, timeout, {"COURSE_BACKEND": "gloo", **(env or {})})
+def run_ranks(target, nproc=4, args=(), timeout=180, env=None, via="forkserver"):
+    """`target` on `nproc` gloo ranks, started by the warm launcher (or via="torchrun", the real
+    command); the run must leave no process behind."""
+    env = {"COURSE_BACKEND": "gloo", **(env or {})}
+    result = launch(target, nproc, args, timeout, env, via=via)
     assert result.leftovers == 0, f"{result.leftovers} processes outlived the run"
     return result
 
 
 def run_python(path, args=(), timeout=180, env=None):
-    """`python path args` (a lesson re-launching itself under torchrun), bounded, no leftovers."""
+    """`python path args` (a lesson starting its own ranks), bounded, no leftovers."""
     cmd = [sys.executable, str(path), *map(str, args)]
     result = run_command(cmd, timeout, {"COURSE_BACKEND": "gloo", **(env or {})})
     assert result.leftovers == 0, f"{result.leftovers} processes outlived the run"

@@ -112,7 +112,7 @@ def test_a_teacher_killed_mid_run_stops_the_run(tmp_path):
     result = run_ranks(wrapper, 4, timeout=90, env={"COURSE_TIMEOUT": "30"})
     out = text(result)
     assert not result.timed_out and result.returncode != 0, out
-    assert "torchrun: rank 2 failed first (exit code -9)" in out, out
+    assert "launcher: rank 2 failed first (exit code -9)" in out, out
     assert "checked:" not in out
 
 

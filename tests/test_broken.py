@@ -60,7 +60,7 @@ EXPECTED = {
     ],
     "recv_wrong_shape": [
         "op.preamble.length <= op.nbytes. 40 vs 32. Received data size doesn't match expected size",
-        "torchrun: rank 1 failed first (exit code -6)",  # SIGABRT, on the receiving rank
+        "launcher: rank 1 failed first (exit code -6)",  # SIGABRT, on the receiving rank
         f'recv_wrong_shape.py", line {line_of(BROKEN / "recv_wrong_shape.py", "dist.recv(batch")}',
     ],
     "missing_wait": [

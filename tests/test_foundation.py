@@ -5,6 +5,7 @@ bounded by the launcher's timeout) and no process left behind."""
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -112,15 +113,6 @@ def cmdline(process):
     return []  # it has ended since it was listed
 
 
-def ranks_of(tag, program):
-    """The ranks (not torchrun) of the run whose environment holds tag=1, running `program`."""
-    return [
-        p
-        for p in launcher.processes_with(tag, "1")
-        if program in " ".join(cmdline(p)) and "torch.distributed.run" not in cmdline(p)
-    ]
-
-
 def new_tag():
     """A variable to put in one run's environment, so that a test can find its processes."""
     return f"COURSE_TEST_{os.getpid()}_{time.monotonic_ns()}"
@@ -134,23 +126,45 @@ def in_background(run):
     return thread, results
 
 
-def test_a_rank_that_dies_stops_the_others():
-    """Kill one rank of a running lesson: torchrun must stop the rest (bounded: 60 s)."""
-    tag = new_tag()
-    runner, results = in_background(lambda: run_ranks(HELLO, 4, timeout=60, env={tag: "1"}))
-    while runner.is_alive() and len(ranks_of(tag, HELLO.name)) < 4:
+def alive(pids):
+    """Those of `pids` still running (a zombie has ended; only its parent has not reaped it)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+    return running
+
+
+def hang_with_pids(tmp_path, via, timeout, nproc=4):
+    """hang.py in the background, each rank's pid a file in tmp_path: (thread, results, pids())."""
+    env = {"COURSE_BACKEND": "gloo", "PIDS": str(tmp_path)}
+    runner, results = in_background(
+        lambda: launcher.launch(PROGRAMS / "hang.py", nproc, timeout=timeout, env=env, via=via)
+    )
+    while runner.is_alive() and len(list(tmp_path.iterdir())) < nproc:
         time.sleep(0.05)
-    ranks_of(tag, HELLO.name)[-1].kill()
+    return runner, results, [int(p.name) for p in tmp_path.iterdir()]
+
+
+@pytest.mark.parametrize("via", ["forkserver", "torchrun"])
+def test_a_rank_that_dies_stops_the_others(tmp_path, via):
+    """Kill one rank of a hanging run: the launcher (or torchrun) must stop the rest at once,
+    long before the run's 60 s bound, and name the rank that died."""
+    runner, results, pids = hang_with_pids(tmp_path, via, timeout=60)
+    psutil.Process(pids[-1]).kill()
     runner.join()
-    assert results[0].returncode not in (0, -1), text(results[0])  # failed, and was not stuck
-    assert "torchrun: rank" in text(results[0]) and "(exit code -9)" in text(results[0])
-    assert results[0].leftovers == 0 and not launcher.processes_with(tag, "1")
+    result = results[0]
+    assert result.returncode not in (0, -1), text(result)  # failed, and was not stuck
+    who = "launcher" if via == "forkserver" else "torchrun"
+    assert f"{who}: rank" in text(result) and "failed first (exit code -9)" in text(result)
+    assert result.seconds < 30, text(result)
+    assert result.leftovers == 0 and not alive(pids)
 
 
 def test_a_run_that_hangs_is_stopped_and_says_where_each_rank_was(capsys):
-    tag = new_tag()
     with pytest.raises(launcher.LessonFailed, match="ran too long and was stopped"):
-        launcher.run_lesson(PROGRAMS / "hang.py", 4, timeout=15, env={tag: "1"})
+        launcher.run_lesson(PROGRAMS / "hang.py", 4, timeout=15)
     out = capsys.readouterr().out
     assert "stopped after 15 s; where each rank was:" in out
     sleep, all_reduce = (line_of(PROGRAMS / "hang.py", code) for code in ("time.sleep", "dist.all"))
@@ -160,7 +174,33 @@ def test_a_run_that_hangs_is_stopped_and_says_where_each_rank_was(capsys):
             f"[rank {rank}] in all_reduce() called at tests/programs/hang.py:{all_reduce}: "
             "dist.all_reduce(torch.ones(3))"
         ) in out
-    assert not launcher.processes_with(tag, "1")
+
+
+def test_a_stopped_run_leaves_no_rank_and_the_next_launch_works(tmp_path):
+    runner, results, pids = hang_with_pids(tmp_path, "forkserver", timeout=10)
+    runner.join()
+    assert results[0].timed_out and results[0].leftovers == 0 and not alive(pids)
+    again = run_ranks(HELLO, 2)
+    assert again.returncode == 0, text(again)
+
+
+def test_a_forkserver_killed_from_outside_ends_the_run_and_the_next_launch_works(tmp_path):
+    """The ranks are forked from a forkserver this process keeps: killing it mid-run must end
+    the run (its ranks report as lost) with nothing left, and the next launch starts a new one."""
+    runner, results, pids = hang_with_pids(tmp_path, "forkserver", timeout=60)
+    forkserver = psutil.Process(pids[0]).parent()
+    assert forkserver.pid != os.getpid() and all(
+        p.ppid() == forkserver.pid for p in map(psutil.Process, pids)
+    )
+    forkserver.kill()
+    runner.join()
+    result = results[0]
+    assert result.returncode == 1 and result.seconds < 30, text(result)
+    lost = "launcher: the forkserver the ranks were forked from is gone (killed from outside?)"
+    assert lost in text(result), text(result)
+    assert result.leftovers == 0 and not alive(pids)
+    again = run_ranks(HELLO, 2)
+    assert again.returncode == 0, text(again)
 
 
 def test_ranks_orphaned_by_a_dead_torchrun_are_still_stopped(tmp_path):
@@ -176,7 +216,9 @@ def test_ranks_orphaned_by_a_dead_torchrun_are_still_stopped(tmp_path):
     )
     tag = new_tag()
     env = {"COURSE_BACKEND": "gloo", "READY": str(tmp_path), tag: "1"}
-    runner, results = in_background(lambda: launcher.launch(program, 2, timeout=30, env=env))
+    runner, results = in_background(
+        lambda: launcher.launch(program, 2, timeout=30, env=env, via="torchrun")
+    )
     while runner.is_alive() and not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):
         time.sleep(0.05)  # until both ranks have joined: then only they hold the run's pipe
     for process in launcher.processes_with(tag, "1"):
@@ -200,6 +242,29 @@ def test_a_process_a_rank_leaves_behind_is_reported_and_killed():
     assert result.returncode == 0, text(result)
     assert "[rank 1] started a child that sleeps for 10 minutes" in result.lines
     assert result.leftovers == 1 and not launcher.processes_with(tag, "1")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_on_plain_python_stops_every_rank_and_says_where(tmp_path, signum):
+    """`python hang.py` starts its ranks itself: Ctrl-C (or SIGTERM) stops them all at once,
+    each rank's stack shown."""
+    env = {**os.environ, "COURSE_BACKEND": "gloo", "PIDS": str(tmp_path)}
+    cmd = [sys.executable, str(PROGRAMS / "hang.py"), "--nproc", "4"]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p.name) for p in tmp_path.iterdir()]
+        proc.send_signal(signum)
+        out = proc.communicate(timeout=30)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out
+    assert "stopped; where each rank was:" in out and "[rank 2] at " in out, out
+    assert len(pids) == 4 and not alive(pids)
 
 
 def test_run_lesson_prints_in_rank_order_and_returns_none(capsys):

@@ -3,16 +3,16 @@ and current; nothing in them forks the kernel or touches CUDA; with the exercise
 by the reference solutions every check passes; an interrupted cell leaves no rank behind.
 (nbval executes every notebook as shipped, through pytest's --nbval option in pyproject.toml.)"""
 
-import os
+import contextlib
 import threading
 import time
 
 import nbformat
+import psutil
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
-from course import launcher
 from course.check import load
 
 from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
@@ -71,15 +71,14 @@ def test_solutions_pass_in_the_notebook(path):
         assert "PASS on all 4 ranks" in said, said
 
 
-def test_an_interrupted_cell_leaves_no_rank_behind():
+def test_an_interrupted_cell_leaves_no_rank_behind(tmp_path):
     """nbval interrupts a cell that runs past --nbval-cell-timeout; the ranks must go too."""
-    tag = f"COURSE_NOTEBOOK_TEST_{os.getpid()}"
     nb = nbformat.v4.new_notebook(
         cells=[
             nbformat.v4.new_code_cell(
                 "from course.launcher import run_lesson\n"
                 f"run_lesson({str(PROGRAMS / 'hang.py')!r}, nproc=4, timeout=300, "
-                f"env={{{tag!r}: '1'}})"
+                f"env={{'PIDS': {str(tmp_path)!r}}})"
             )
         ]
     )
@@ -90,10 +89,10 @@ def test_an_interrupted_cell_leaves_no_rank_behind():
         interrupt_on_timeout=True,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
-    seen = []  # the run's processes while the cell runs: torchrun and its 4 ranks
+    seen = []  # the ranks running while the cell runs: each wrote its pid into tmp_path
     watcher = threading.Thread(
         target=lambda: [
-            seen.append(len(launcher.processes_with(tag, "1"))) or time.sleep(0.5)
+            seen.append(len(alive([int(p.name) for p in tmp_path.iterdir()]))) or time.sleep(0.5)
             for _ in range(30)
         ]
     )
@@ -101,6 +100,16 @@ def test_an_interrupted_cell_leaves_no_rank_behind():
     with pytest.raises(Exception) as stopped:
         client.execute()
     watcher.join()
-    assert max(seen) >= 5, "the ranks never started, so this test proved nothing"
+    assert max(seen) == 4, "the ranks never started, so this test proved nothing"
     assert isinstance(stopped.value, CellTimeoutError) or "KeyboardInterrupt" in str(stopped.value)
-    assert not launcher.processes_with(tag, "1")  # the interrupted run_lesson stopped them all
+    assert not alive([int(p.name) for p in tmp_path.iterdir()])  # run_lesson stopped them all
+
+
+def alive(pids):
+    """Those of `pids` still running (a zombie has ended)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+    return running
