@@ -23,7 +23,7 @@ torchrun's flags
 
 What you should see (4 ranks, no GPU; the port, host names and pids are yours)
     [rank 0] torchrun set RANK=0 LOCAL_RANK=0 WORLD_SIZE=4 LOCAL_WORLD_SIZE=4 GROUP_RANK=0
-             MASTER_ADDR=localhost MASTER_PORT=29500
+             MASTER_ADDR=127.0.0.1 MASTER_PORT=29500
     [rank 0] no GPU: using gloo on CPU
     [rank 0] backend gloo, world size 4
     [rank 0] checked: all_reduce(SUM) of rank+1 on 4 ranks = 10, the formula 4*5/2 gives 10

@@ -229,10 +229,10 @@ def test_a_teacher_killed_mid_run_stops_the_run(tmp_path):
     )
     out = text(result)
     assert not result.timed_out and result.returncode != 0, out
-    assert "torchrun: rank 1 failed first (exit code -9)" in out, out
+    assert "launcher: rank 1 failed first (exit code -9)" in out, out
 
 
-def test_plain_python_starts_torchrun_itself(tmp_path):
+def test_plain_python_starts_its_ranks_itself(tmp_path):
     result = launcher.run_command(
         [
             sys.executable,

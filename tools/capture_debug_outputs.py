@@ -5,12 +5,14 @@
     python tools/capture_debug_outputs.py traces          # docs/figures/trace_*.png only
     python tools/capture_debug_outputs.py overhead        # docs/outputs/trace_overhead.txt
     python tools/capture_debug_outputs.py troubles        # docs/outputs/trouble_*.txt only
+    python tools/capture_debug_outputs.py raw             # one run under torchrun, every line
     python tools/capture_debug_outputs.py gpu OUT         # NCCL traces on 2 GPUs, into OUT
 
 broken: every command under "Run it" in every lessons/broken/ program, plus lesson 06 on 3 ranks
 and the send/send deadlock with a long timeout (stopped by the launcher), on gloo. Each output
-goes to docs/outputs/broken_<name>[_<n>].txt as course.launcher prints it: the command, then
-the ranks' lines in rank order (torchrun's own log lines left out), paths made relative.
+goes to docs/outputs/broken_<name>[_<n>].txt as course.launcher prints it: the run_lesson call
+that made it, then the ranks' lines in rank order and the launcher's summary, paths relative.
+raw: one of them under the real torchrun command in a terminal's environment, every line kept.
 traces: lessons 02, 05, 06 and 09, and the reference solutions of exercises 02.2, 05.1 and
 09.1 (through `COURSE_TRACE=DIR python -m lessons.check ID --solution`), with --trace on 2 or 4
 gloo ranks; each timeline redrawn (course.trace.merge) zoomed on the part the docs talk about.
@@ -43,6 +45,7 @@ ROOT = launcher.ROOT
 OUTPUTS, FIGURES = ROOT / "docs" / "outputs", ROOT / "docs" / "figures"
 GLOO = {"COURSE_BACKEND": "gloo"}
 SITE = re.compile(r"[^\s\"]*/site-packages/")  # torch's own files: shown as site-packages/...
+TIME = re.compile(r"\d\d:\d\d:\d\d(\.\d+)?")  # torch's log stamps: the same on every run
 
 
 def tidy(lines):
@@ -56,27 +59,56 @@ def save(name, command, result):
     print(f"docs/outputs/{name}.txt: exit {result.returncode}, {result.seconds:.0f} s", flush=True)
 
 
+def run_lesson_command(path, nproc, args=(), timeout=None):
+    """What produced an output, as a learner would type it: run_lesson, in a notebook or a shell
+    (torchrun in a terminal prints the same lines, interleaved, plus its own: see capture_raw)."""
+    call = [repr(str(path.relative_to(ROOT))), str(nproc)]
+    call += [repr(list(args))] if args else []
+    call += [f"timeout={timeout}"] if timeout else []
+    return f'python -c "from course.launcher import run_lesson; run_lesson({", ".join(call)})"'
+
+
 def capture_broken():
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     for path in sorted((ROOT / "lessons" / "broken").glob("[a-z]*.py")):
         for i, (nproc, args) in enumerate(documented_runs(path), 1):
             name = f"broken_{path.stem}" + (f"_{i}" if i > 1 else "")
-            command = " ".join(
-                ["torchrun --nproc-per-node", str(nproc), f"lessons/broken/{path.name}", *args]
-            )
+            command = run_lesson_command(path, nproc, args)
             save(name, command, launcher.launch(path, nproc, args, timeout=120, env=GLOO))
     deadlock = ROOT / "lessons" / "broken" / "send_send_deadlock.py"
     save(
         "broken_send_send_deadlock_stopped",
-        "python -c 'from course.launcher import run_lesson; run_lesson(\"lessons/broken/"
-        'send_send_deadlock.py", 2, ["--timeout", "600"], timeout=20)\'',
+        run_lesson_command(deadlock, 2, ["--timeout", "600"], timeout=20),
         launcher.launch(deadlock, 2, ["--timeout", "600"], timeout=20, env=GLOO),
     )
+    distill = ROOT / "lessons" / "06_distill.py"
     save(
         "broken_odd_world_size",
-        "torchrun --nproc-per-node 3 lessons/06_distill.py",
-        launcher.launch(ROOT / "lessons" / "06_distill.py", 3, timeout=120, env=GLOO),
+        run_lesson_command(distill, 3),
+        launcher.launch(distill, 3, timeout=120, env=GLOO),
     )
+
+
+def capture_raw():
+    """One broken program as a terminal shows it under the real torchrun command, every line
+    kept: what docs/debugging.md's "Under torchrun, in a terminal" annotates."""
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    command = "torchrun --nproc-per-node 2 lessons/broken/collective_mismatch.py --debug"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a learner's shell
+    done = subprocess.run(
+        command.split(),
+        cwd=ROOT,
+        env={**env, **GLOO},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
+    lines = [TIME.sub("HH:MM:SS", line) for line in tidy(done.stdout.splitlines())]
+    (OUTPUTS / "raw_torchrun_collective_mismatch.txt").write_text(
+        "\n".join([f"$ {command}", *lines]) + "\n"
+    )
+    print(f"docs/outputs/raw_torchrun_collective_mismatch.txt: exit {done.returncode}")
 
 
 def capture_troubles():
@@ -88,12 +120,12 @@ def capture_troubles():
         args = ["--init-method", f"tcp://127.0.0.1:{taken.getsockname()[1]}"]
         save(
             "trouble_port_in_use",
-            f"torchrun --nproc-per-node 2 lessons/00_hello.py {' '.join(args)}",
+            run_lesson_command(hello, 2, args),
             launcher.launch(hello, 2, args, timeout=60, env=GLOO),
         )
     save(
         "trouble_nccl_without_gpus",
-        "torchrun --nproc-per-node 2 lessons/00_hello.py --backend nccl",
+        run_lesson_command(hello, 2, ["--backend", "nccl"]),
         launcher.launch(hello, 2, ["--backend", "nccl"], timeout=60),
     )
 
@@ -294,7 +326,7 @@ def capture_gpu(out):
 
 
 def main():
-    parts = sys.argv[1:] or ["broken", "traces", "overhead", "troubles"]  # gpu: only when asked
+    parts = sys.argv[1:] or ["broken", "traces", "overhead", "troubles", "raw"]  # gpu: if asked
     if "broken" in parts:
         capture_broken()
     if "traces" in parts:
@@ -303,6 +335,8 @@ def main():
         capture_overhead()
     if "troubles" in parts:
         capture_troubles()
+    if "raw" in parts:
+        capture_raw()
     if parts[0] == "gpu":
         capture_gpu(parts[1] if len(parts) > 1 else "out/gpu")
 
