@@ -295,3 +295,27 @@ def bandwidth_sweep(
         (Path(out) / "03_bandwidth.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
         plot_bandwidth(rows, Path(out) / "03_bandwidth.png", label)
         print0(f"saved {out}/03_bandwidth.png and .json")
+
+
+def reshard_layouts(columns: list[tuple[str, list[str]]], path: str | Path, title: str) -> None:
+    """Lesson 10: which rank holds which rows of a fused QKV tensor. columns: (rank's label,
+    the HF head of each block of head_dim rows, top to bottom: "q3", "k1", ...); one column per
+    rank, a box per block, colored by q, k or v."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    colors = {"q": "tab:blue", "k": "tab:orange", "v": "tab:green"}
+    fig = Figure(figsize=(1.4 * len(columns) + 1.5, 5), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for x, (_, heads) in enumerate(columns):
+        for row, head in enumerate(heads):
+            ax.add_patch(Rectangle((x - 0.4, row), 0.8, 1, facecolor=colors.get(head[0], "grey"),
+                                   edgecolor="white"))  # fmt: skip
+            ax.text(x, row + 0.5, head, ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(columns)), [label for label, _ in columns], fontsize=8)
+    ax.set_xlim(-0.6, len(columns) - 0.4)
+    ax.set_ylim(max(len(heads) for _, heads in columns), 0)  # row 0 at the top
+    ax.set(ylabel="head_dim rows of the rank's fused QKV, top to bottom", title=title)
+    fig.savefig(path)

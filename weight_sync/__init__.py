@@ -29,6 +29,12 @@ Modules (each one job; communication primitives apart from the code that uses th
                   update_weights (staging, checksums, coverage, finite values, commit)
     trainer.py    create_update_group, FastUpdater, check_read_back, check_generate: the
                   trainer's side of group creation, of the fast path, and of SGLang's checks
+    megatron.py   megatron_spans, hf_to_megatron, megatron_to_hf: how a Megatron-style trainer
+                  holds the model per TP, PP and DP rank (fused linear_qkv per query group,
+                  linear_fc1 = [gate; up], stage-local layer numbers), and HF <-> Megatron
+    reshard.py    the planner of lesson 10 (trainer spans x engine spans -> who sends which slice
+                  to whom, each DP replica a disjoint share), its three routes (gather, direct,
+                  two-stage) and the engine's verified, all-or-nothing update
     __main__.py   an engine on its own
 
 An engine on its own, as tests run it (to kill a trainer mid-transfer and keep the engine),
