@@ -320,3 +320,19 @@ def test_two_nodes_on_one_machine():
         assert len({v["GROUP_RANK"] for v in mine}) == 1 and mine[0]["WORLD_SIZE"] == "4"
         seen += [int(v["RANK"]) for v in mine]
     assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_a_rank_that_leaves_by_os_exit_0_does_not_hang_the_run(tmp_path):
+    """torch's agent counts a function's rank as done when it returns: os._exit(0) never does."""
+    program = tmp_path / "leaves.py"
+    program.write_text(
+        "import os\n"
+        "from course.ranks import parser, print_rank, setup\n"
+        "with setup(parser('').parse_args()) as ctx:\n"
+        "    if ctx.rank == 1:\n"
+        "        os._exit(0)\n"
+        "print_rank('done')\n"
+    )
+    result = run_ranks(program, 2, timeout=60)
+    assert result.returncode == 0 and not result.timed_out, text(result)
+    assert "[rank 0] done" in result.lines and result.seconds < 30
