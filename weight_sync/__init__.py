@@ -35,6 +35,10 @@ Modules (each one job; communication primitives apart from the code that uses th
     reshard.py    the planner of lesson 10 (trainer spans x engine spans -> who sends which slice
                   to whom, each DP replica a disjoint share), its three routes (gather, direct,
                   two-stage) and the engine's verified, all-or-nothing update
+    colocate.py   lesson 11: trainer and engine sharing a GPU: handles keyed by the physical GPU
+                  (CUDA IPC; shared memory on CPU), the engine's flat layout and checksums, three
+                  designs (fresh handles, a shared bucket, handles opened once and one fused
+                  verified pull), and ChatLearn's two-stage route for a mixed GPU map
     __main__.py   an engine on its own
 
 An engine on its own, as tests run it (to kill a trainer mid-transfer and keep the engine),

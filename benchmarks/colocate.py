@@ -1,0 +1,275 @@
+"""Colocated weight updates: trainer and engine as two processes on ONE GPU, three designs against
+the copy floor.
+
+    python benchmarks/colocate.py                      # GPU: Llama-3.2-1B and 3.1-8B shapes
+    python benchmarks/colocate.py --presets small      # CPU: shared memory, the "small" model
+    python benchmarks/colocate.py --out docs/figures   # where the table (.md, .json) goes
+
+Rank 0 trains, rank 1 is the engine (TP=1, vLLM's fused qkv_proj / gate_up_proj), both on cuda:0
+(on CPU, shared memory stands in for CUDA IPC). The trainer holds bf16 weights. Per model:
+- floor: one flat device-to-device copy of the engine's bytes, in the trainer's process (HBM
+  read + write; on CPU a memcpy);
+- (a) OpenRLHF: every update, clone each tensor, a fresh IPC handle per tensor, the engine opens
+  each and copies it into its layout; clones freed after the ack, then ipc_collect;
+- (b) verl: one flat bucket shared once; the trainer packs it (_foreach_copy_), the engine copies
+  each tensor out into its layout;
+- (c) the course's: the trainer keeps its parameters in one flat buffer laid out as the engine's
+  (q, k, v adjacent, so qkv_proj is a plain range): the handle is opened once, and each update
+  the engine pulls everything into staging in one pass that also sums every 64 kB chunk (a
+  Triton kernel on the GPU; on CPU a copy, then the sums), checks the sums against the
+  trainer's table in its layout, and swaps staging in (atomic: the old version or the new one,
+  never a mix; the price is a second copy of the engine's weights). Shown twice: the table made
+  by the trainer's step (one read of its weights, timed apart), and the table made inside the
+  update call.
+Every time is end to end, on the trainer's clock, from its call to the engine's acknowledged
+new version; warm medians of --repeats after --warmup. Checksums are verified for (c) every
+update and, after each design, for the engine's live weights.
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from course.ranks import EVEN, parser, print0, setup
+from weight_sync import PRESETS
+from weight_sync import colocate as cl
+
+CHUNK_BYTES = 64 * 1024  # one checksum per 64 kB chunk; each engine tensor starts on a chunk
+TARGETS = {"llama-3.1-8b": 1.2, "llama-3.2-1b": 1.5}  # (c) / floor, the course's targets
+
+
+# --8<-- [start:fused]
+def triton_copy_sum():
+    """One kernel that copies a buffer and sums each chunk of what it copied, as int64 words:
+    the verification costs no extra pass over memory. None without Triton or a GPU."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def copy_sum(src, dst, sums, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+        chunk = tl.program_id(0)
+        base = chunk.to(tl.int64) * WORDS
+        acc = tl.zeros([BLOCK], dtype=tl.int64)
+        for i in range(0, WORDS, BLOCK):
+            at = base + i + tl.arange(0, BLOCK)
+            words = tl.load(src + at, eviction_policy="evict_first")
+            tl.store(dst + at, words, eviction_policy="evict_first")
+            acc += words
+        tl.store(sums + chunk, tl.sum(acc, axis=0))
+
+    def run(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        src64, dst64 = src.view(torch.int64), dst.view(torch.int64)
+        words = CHUNK_BYTES // 8
+        sums = torch.empty(src64.numel() // words, dtype=torch.int64, device=src.device)
+        copy_sum[(sums.numel(),)](src64, dst64, sums, WORDS=words, BLOCK=1024, num_warps=8)
+        return sums
+
+    return run
+
+
+def fused_pull(copy_sum):
+    """Design (c)'s engine side: one pass (copy + chunk sums), one index_add to a sum per
+    tensor, compare, swap. The trainer's buffer is laid out as the engine's, so the whole update
+    is one range; else each span would be one element of a _foreach_copy_ (exercise 11.1)."""
+
+    def on_pull(engine, table, version):
+        src, staging = engine.trainer_flat.view(torch.uint8), engine.staging.flat
+        if copy_sum is not None and src.is_cuda:
+            chunks = copy_sum(src[: staging.numel()], staging)
+        else:
+            staging.copy_(src[: staging.numel()])
+            chunks = cl.chunk_sums(staging, CHUNK_BYTES)
+        owner = engine.layout.owner
+        sums = torch.zeros_like(table).index_add_(0, owner, chunks)
+        bad = engine.layout.names_at((sums != table).nonzero().flatten().tolist())
+        engine.commit(version, bad)
+        return bad
+
+    return on_pull
+    # --8<-- [end:fused]
+
+
+def trainer_model(shape, device):
+    """The trainer's bf16 weights: HF-named views of one flat buffer in the engine's layout."""
+    layout = cl.EngineLayout(shape, cl.vllm_spans(shape, 0, 1), torch.bfloat16, CHUNK_BYTES)
+    flat = torch.zeros(layout.size, dtype=torch.uint8, device=device)
+    if device.type == "cpu":
+        flat.share_memory_()
+    views = layout.views(flat)
+    weights = {}
+    for s in layout.spans:
+        weights[s.hf_name] = views[s.name].narrow(s.dim, s.start, s.stop - s.start)
+        weights[s.hf_name].normal_(0, 0.02)
+    return layout, flat, weights
+
+
+def measure(update, device, warmup, repeats):
+    times = []
+    for _ in range(warmup + repeats):
+        start = cl.clock()
+        update()
+        cl.sync(device)
+        times.append(cl.clock() - start)
+    return statistics.median(times[warmup:])
+
+
+def memory(device):
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def trainer_runs(ctx, pair, preset, args):
+    shape, device, gpu = PRESETS[preset], ctx.device, cl.gpu_id(ctx.device)
+    layout, flat, weights = trainer_model(shape, device)
+    trainer = cl.Trainer(pair, flat.view(torch.bfloat16), weights, device)
+    meta = trainer.meta()
+    assert trainer.open({gpu: cl.share(flat.view(torch.bfloat16))}, meta) is None
+    nbytes, rows, versions = layout.size, [], iter(range(1, 10**9))
+    run = lambda update: measure(update, device, args.warmup, args.repeats)  # noqa: E731
+
+    def verified(label):  # the engine's live weights, checked against the trainer's table
+        pair.send(cl.CHECK, obj=layout.table(flat).tolist())
+        op, _, _, bad = pair.recv()
+        assert op == cl.ACK, f"{label}: the engine's live weights differ in {bad}"
+
+    def row(path, seconds, held, note=""):
+        rows.append(dict(model=preset, path=path, ms=seconds * 1e3, held_mb=held / 1e6, note=note))
+
+    src, dst = flat, torch.empty_like(flat)
+    row("floor: one flat copy of the engine's bytes", run(lambda: dst.copy_(src)), 0)
+    dst = None  # the floor's buffer, freed
+    before = memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run(lambda: cl.fresh_handles(trainer, gpu))
+    peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else nbytes
+    cuda = device.type == "cuda"
+    after = f"after the ack and ipc_collect: {(memory(device) - before) / 1e6:+.0f} MB"
+    verified("(a)")
+    row("(a) clone + fresh handle per tensor (OpenRLHF)", seconds, peak, after if cuda else "")
+    bucket = cl.Bucket(pair, weights, gpu, torch.bfloat16)
+    seconds = run(bucket.update)
+    verified("(b)")
+    held = bucket.nbytes
+    pair.send(cl.RELEASE)
+    pair.recv()
+    del bucket
+    if device.type == "cuda":
+        torch.cuda.ipc_collect()
+        torch.cuda.empty_cache()
+    freed = memory(device) - before
+    freed = f"after the engine let go and the trainer freed it: {freed / 1e6:+.0f} MB"
+    row("(b) one bucket shared once (verl)", seconds, held, freed if cuda else "")
+
+    def pull_only(table):
+        version = next(versions)
+        trainer.start(version, table)
+        got = trainer.finish()
+        assert got == (version, []), got
+
+    table = layout.table(flat)  # made by the trainer's step: its weights do not change here
+    table_s = run(lambda: layout.table(flat))
+    row("(c) handle opened once, fused pull + verify + swap", run(lambda: pull_only(table)), nbytes)
+    row(
+        "(c) the same, the trainer's table made in the call",
+        run(lambda: pull_only(layout.table(flat))),
+        nbytes,
+    )
+    verified("(c)")
+    row("    the trainer's table alone (one read of its weights)", table_s, 0)
+    trainer.stop()
+    return rows
+
+
+def report(rows, device, args):
+    floor = {r["model"]: r["ms"] for r in rows if r["path"].startswith("floor")}
+    lines = [
+        "| model | path | ms | GB/s | x floor | held extra (MB) | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        nbytes = PRESETS_BYTES[r["model"]]
+        r["gbps"] = nbytes / (r["ms"] / 1e3) / 1e9
+        r["x_floor"] = r["ms"] / floor[r["model"]]
+        lines.append(
+            f"| {r['model']} | {r['path']} | {r['ms']:.2f} | {r['gbps']:.0f} | {r['x_floor']:.2f} "
+            f"| {r['held_mb']:.1f} | {r['note']} |"
+        )
+    for model, target in TARGETS.items():
+        mine = [r for r in rows if r["model"] == model and r["path"].startswith("(c)")]
+        if mine:
+            said = ", ".join(f"{r['x_floor']:.2f}x" for r in mine)
+            met = "met" if mine[0]["x_floor"] <= target else "NOT met"
+            lines.append(
+                f"\n(c) on {model}: {said} of the floor (table at the step; in the call); "
+                f"target <= {target}x: {met}"
+            )
+    text = "\n".join(lines)
+    print0(text)
+    print0("checksums verified: (c) on every update, the engine's live weights after each design")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"11_colocate_{device.type}"
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print0(f"wrote {out / name}.md and .json")
+
+
+PRESETS_BYTES = {}
+
+
+def main():
+    p = parser(__doc__)
+    p.set_defaults(nproc=2)
+    p.add_argument(
+        "--presets", help="models (weight_sync.PRESETS); default: 1B and 8B on a GPU, small on CPU"
+    )
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    args.backend = "gloo"  # only to start both processes; a socket carries the control messages
+    with setup(args, EVEN, relaunch=True) as ctx:
+        ctx = ctx._replace(device=cl.colocated_device(ctx.local_rank))
+        presets = (
+            args.presets or ("llama-3.2-1b,llama-3.1-8b" if ctx.device.type == "cuda" else "small")
+        ).split(",")
+        if ctx.world_size != 2:
+            print0("one trainer and one engine: ranks beyond 2 only watch")
+        if ctx.rank > 1:
+            return
+        print0(f"trainer rank 0 and engine rank 1 on {ctx.device}; models {', '.join(presets)}")
+        copy_sum = triton_copy_sum() if ctx.device.type == "cuda" else None
+        how = "one Triton kernel, copy + chunk sums" if copy_sum else "copy, then chunk sums"
+        print0(f"(c)'s pull: {how}")
+        rows = []
+        for preset in presets:
+            shape = PRESETS[preset]
+            layout = cl.EngineLayout(shape, cl.vllm_spans(shape, 0, 1), torch.bfloat16, CHUNK_BYTES)
+            PRESETS_BYTES[preset] = layout.size
+            if ctx.rank == 0:
+                pair = cl.Pair(1, listen=False)
+                rows += trainer_runs(ctx, pair, preset, args)
+            else:
+                engine = cl.Engine(shape, 0, 1, torch.bfloat16, ctx.device, 1, CHUNK_BYTES)
+                if ctx.device.type == "cuda":  # model A was made in float32: give that back
+                    torch.cuda.empty_cache()
+                cl.serve(
+                    engine,
+                    cl.Pair(0, listen=True),
+                    cl.gpu_id(ctx.device),
+                    fused_pull(copy_sum),
+                    print,
+                )
+                del engine
+                if ctx.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if ctx.rank == 0:
+            report(rows, ctx.device, args)
+
+
+if __name__ == "__main__":
+    main()
