@@ -52,7 +52,10 @@ AGENT_VARS = {
     *"ROLE_NAME ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT TORCH_NCCL_ASYNC_ERROR_HANDLING".split(),
 }
 # What the forkserver imports once, so that every rank forked from it starts with them loaded.
-PRELOAD = ["torch", "torch.distributed", "course.ranks", "course.check"]
+PRELOAD = [
+    *["torch", "torch.distributed", "torch.testing", "course.ranks", "course.check"],
+    "torch.distributed.tensor",  # torch.testing.assert_close imports it on its first call
+]
 
 
 class Launched(NamedTuple):
@@ -185,14 +188,24 @@ def _quiet_agent() -> None:
 _forkserver_ready = False
 
 
+def warm_up() -> None:
+    """Start the forkserver now, in the background: its imports (a few seconds) then overlap
+    with whatever this process does before its first launch (a notebook's first cells)."""
+    global _forkserver_ready
+    if not _forkserver_ready:  # preloaded once, before its first start
+        multiprocessing.set_forkserver_preload(PRELOAD)
+        _forkserver_ready = True
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
 def _start_agent(target, nproc, argv, env, run, via, stream) -> _Agent:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
-    global _forkserver_ready
-    if via == "forkserver" and not _forkserver_ready:  # preloaded once, before its first start
-        multiprocessing.set_forkserver_preload(PRELOAD)
-        _forkserver_ready = True
+    if via == "forkserver":
+        warm_up()
     target = str(target)
     if target.endswith(".py"):
         target = os.path.abspath(target)
@@ -437,9 +450,9 @@ def _kill_all(run: str) -> int:
     (exec'd ones), and those in the process group of one of its ranks (forked ones)."""
     groups, seen = set(_rank_pids(run)), set()
     while fresh := [p for p in _processes_of(run, groups) if p not in seen]:
-        # One that ends within a second of its rank (e.g. multiprocessing's resource tracker)
-        # has not been left behind.
-        fresh = psutil.wait_procs(fresh, timeout=1)[1]
+        # One that ends within seconds of its rank (e.g. multiprocessing's resource tracker, a
+        # child the rank joined late, on a loaded machine) has not been left behind.
+        fresh = psutil.wait_procs(fresh, timeout=3)[1]
         torchs = {p for p in fresh if _name(p) == "torch_shm_manager"}  # torch's: ends late itself
         for p in fresh:
             with contextlib.suppress(psutil.Error):

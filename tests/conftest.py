@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from course.launcher import ROOT, launch, run_command, what_you_should_see
+from course.launcher import ROOT, launch, run_command, warm_up, what_you_should_see
+
+warm_up()  # the ranks' forkserver imports torch while pytest collects the tests
 
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
 PROGRAMS = ROOT / "tests" / "programs"

@@ -31,18 +31,22 @@ CELL_TIMEOUT_S = 600  # generous: run_lesson's own timeout (300 s) stops a stuck
 # Extra runs a notebook shows after the plain one, e.g. a small benchmark that draws a figure.
 EXTRA_RUNS = {"03_collectives": [["--bench"]]}
 SETUP = """\
-# The ranks run in torchrun subprocesses, started by course/launcher.py; this kernel only
-# prints what they said, in rank order. Type hints in the exercise cells are not evaluated here.
+# The ranks are started by course/launcher.py (torch's elastic launcher, as torchrun does)
+# from a helper process this kernel starts once; the kernel never joins a group or touches
+# CUDA, it prints what they said, in rank order. Exercise cells' type hints are not evaluated.
 from __future__ import annotations
 
 from pathlib import Path
+
+from course.launcher import run_lesson, warm_up
+
+warm_up()  # starts the helper now (it imports torch): the first run is then quick
 
 import torch
 import torch.distributed as dist
 from IPython.display import Image, display
 
-from course.check import check
-from course.launcher import run_lesson"""
+from course.check import check"""
 
 
 LIST_ITEM = re.compile(r"(\d+[.)]|[-*]) ")  # a line that starts an item of a list
