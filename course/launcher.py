@@ -271,6 +271,7 @@ def _rank_main(target: str, argv: list[str], env: dict, cwd: str, stream: bool) 
         sys.excepthook(type(err), err.with_traceback(tb), tb)
         _exit(1)
     sys.stdout.flush()
+    Path(env[MARK], f"done.{rank}").touch()  # it returned: neither failed nor was killed
 
 
 def _answer_the_agent_on_exit() -> None:
@@ -335,7 +336,7 @@ def _failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
     # a crash, SIGKILL) wrote nothing, and it goes first: the others can only have noticed it.
     # A rank can also die of a fatal signal as the agent stops the others for another's exit,
     # unreported: faulthandler's "Fatal Python error" in its output says so.
-    codes = {r: f.exitcode for r, f in failures.items()} | _fatal(run)
+    codes = _killed(run) | _fatal(run) | {r: f.exitcode for r, f in failures.items()}
     exits = {r: float(p.read_text()) for r in codes if (p := Path(run, f"exit.{r}")).exists()}
     signalled = {r for r, code in codes.items() if code < 0 and code != -signal.SIGTERM}
     when = {r: exits.get(r, failures[r].timestamp if r in failures else 0) for r in codes}
@@ -360,6 +361,23 @@ def _fatal(run: str) -> dict[int, int]:
         ):
             found[int(path.stem.split(".")[1])] = FATAL.get(m[1], -6)
     return found
+
+
+def _killed(run: str) -> dict[int, int]:
+    """{rank: -9} of the ranks that left no trace of how they ended: neither returned, nor exited
+    through _exit(), nor wrote a stack when stopped (SIGTERM), nor reported a fatal signal. Only
+    SIGKILL ends a process so silently. (torch's agent reports one failed rank per poll, so a
+    rank killed a moment before another exits may be missing from its report.)"""
+    found, folder = {}, Path(run)
+    for pid_file in folder.glob("pid.*"):
+        rank, pid = pid_file.name.split(".")[1:]
+        ended = [f"done.{rank}", f"exit.{rank}"]
+        stack = folder / f"rank{rank}.{pid}.txt"
+        if not any((folder / name).exists() for name in ended) and not (
+            stack.exists() and stack.stat().st_size
+        ):
+            found[int(rank)] = -signal.SIGKILL
+    return {r: code for r, code in found.items() if r not in _fatal(run)}
 
 
 def _stop_lost_ranks(run: str) -> list[int]:
@@ -448,24 +466,18 @@ def _kill_all(run: str) -> int:
     """SIGKILL every process of the run still alive, until none is (one may start another as
     it goes); how many there were. The run's processes: those whose environment holds its mark
     (exec'd ones), and those in the process group of one of its ranks (forked ones)."""
-    groups, seen = set(_rank_pids(run)), set()
-    while fresh := [p for p in _processes_of(run, groups) if p not in seen]:
+    groups, seen, torchs = set(_rank_pids(run)), set(), set()
+    while fresh := [p for p in _processes_of(run, groups) if p not in seen | torchs]:
         # One that ends within seconds of its rank (e.g. multiprocessing's resource tracker, a
         # child the rank joined late, on a loaded machine) has not been left behind.
         fresh = psutil.wait_procs(fresh, timeout=3)[1]
-        torchs = {p for p in fresh if _name(p) == "torch_shm_manager"}  # torch's: ends late itself
         for p in fresh:
             with contextlib.suppress(psutil.Error):
+                # torch_shm_manager (the name cut to 15 characters): torch's own, ends late itself
+                (torchs if p.name().startswith("torch_shm_manag") else seen).add(p)
                 p.kill()
         psutil.wait_procs(fresh, timeout=5)
-        seen.update(set(fresh) - torchs)
     return len(seen)
-
-
-def _name(p: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return p.name()
-    return ""
 
 
 def _processes_of(run: str, groups: set[int]) -> list[psutil.Process]:
@@ -474,7 +486,13 @@ def _processes_of(run: str, groups: set[int]) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error, ProcessLookupError):
             if p not in found and os.getpgid(p.pid) in groups:
                 found.append(p)
-    return found
+    return [p for p in found if _status(p) not in (psutil.STATUS_ZOMBIE, "")]  # zombies have ended
+
+
+def _status(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return p.status()
+    return ""
 
 
 def _tidy(lines: list[str]) -> list[str]:

@@ -190,6 +190,10 @@ def setup(
 
         with tracing.recording(trace):
             yield Rank(rank, local_rank, world_size, backend, device, timeout)
+    except Exception as err:  # say it now, before teardown: a peer that notices this rank go
+        sys.excepthook(type(err), err, err.__traceback__)  # may end the run before it is said
+        sys.stderr.flush()
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,10 +10,13 @@ import torch
 
 from course.launcher import ROOT, launch, run_command, warm_up, what_you_should_see
 
-warm_up()  # the ranks' forkserver imports torch while pytest collects the tests
-
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
 PROGRAMS = ROOT / "tests" / "programs"
+
+
+def pytest_sessionstart(session):
+    warm_up()  # the ranks' forkserver imports torch while pytest collects the tests
+    # (a hook, not at import: a rank that runs a test file as its program imports this module)
 
 
 def lesson_ids():
