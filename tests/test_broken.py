@@ -105,9 +105,9 @@ def test_broken_program_fails_fast_and_names_the_ranks_and_the_call(path):
 def test_a_true_hang_is_stopped_and_each_rank_says_where():
     """send/send with a 600 s timeout really hangs: the launcher stops it and names the call."""
     path = BROKEN / "send_send_deadlock.py"
-    result = run_ranks(path, 2, ["--timeout", 600], timeout=25)
+    result = run_ranks(path, 2, ["--timeout", 600], timeout=12)
     line = line_of(path, "dist.send(mine, right)")
-    assert result.returncode == -1 and result.stuck[0] == "stopped after 25 s; where each rank was:"
+    assert result.returncode == -1 and result.stuck[0] == "stopped after 12 s; where each rank was:"
     for rank in (0, 1):
         assert (
             f"[rank {rank}] in send() called at lessons/broken/send_send_deadlock.py:{line}: "

@@ -164,9 +164,9 @@ def test_a_rank_that_dies_stops_the_others(tmp_path, via):
 
 def test_a_run_that_hangs_is_stopped_and_says_where_each_rank_was(capsys):
     with pytest.raises(launcher.LessonFailed, match="ran too long and was stopped"):
-        launcher.run_lesson(PROGRAMS / "hang.py", 4, timeout=15)
+        launcher.run_lesson(PROGRAMS / "hang.py", 4, timeout=10)
     out = capsys.readouterr().out
-    assert "stopped after 15 s; where each rank was:" in out
+    assert "stopped after 10 s; where each rank was:" in out
     sleep, all_reduce = (line_of(PROGRAMS / "hang.py", code) for code in ("time.sleep", "dist.all"))
     assert f"[rank 2] at tests/programs/hang.py:{sleep}: time.sleep(600)" in out
     for rank in (0, 1, 3):
@@ -217,7 +217,7 @@ def test_ranks_orphaned_by_a_dead_torchrun_are_still_stopped(tmp_path):
     tag = new_tag()
     env = {"COURSE_BACKEND": "gloo", "READY": str(tmp_path), tag: "1"}
     runner, results = in_background(
-        lambda: launcher.launch(program, 2, timeout=30, env=env, via="torchrun")
+        lambda: launcher.launch(program, 2, timeout=20, env=env, via="torchrun")
     )
     while runner.is_alive() and not ((tmp_path / "0").exists() and (tmp_path / "1").exists()):
         time.sleep(0.05)  # until both ranks have joined: then only they hold the run's pipe
@@ -226,7 +226,7 @@ def test_ranks_orphaned_by_a_dead_torchrun_are_still_stopped(tmp_path):
             process.kill()
     runner.join()
     result = results[0]
-    assert result.timed_out and result.stuck == ["stopped after 30 s; where each rank was:"] + [
+    assert result.timed_out and result.stuck == ["stopped after 20 s; where each rank was:"] + [
         f"[rank {rank}] at {program}:5: time.sleep(600)" for rank in (0, 1)
     ]
     assert not launcher.processes_with(tag, "1")

@@ -1,6 +1,7 @@
-"""Every lesson, run the three ways a learner runs it: torchrun with 4 ranks, with 2 ranks (or a
-clear world-size error), and plain python. Each must exit 0 and print what its docstring's
-"What you should see" block shows: all of it on 4 ranks, its `checked:` lines on 2."""
+"""Every lesson, run the ways a learner runs it: with 2 ranks (or a clear world-size error) and
+plain python, both through the course's launcher; each must exit 0 and print the `checked:`
+lines of its docstring's "What you should see" block. The README's torchrun command with 4
+ranks, against the whole block: tests/test_lessons_torchrun.py."""
 
 import ast
 
@@ -8,12 +9,9 @@ import pytest
 
 from conftest import (
     LESSONS,
-    ROOT,
     assert_shows,
     expected_output,
-    free_port,
     lesson_ids,
-    run_command,
     run_python,
     run_ranks,
     text,
@@ -42,18 +40,6 @@ def assert_ran(result, path, n):
 def test_docstring_shows_what_the_lesson_checks(path):
     shown = [line for line, _ in expected_output(path)]
     assert any("checked:" in line for line in shown), f"{path.name} shows no `checked:` line"
-
-
-@pytest.mark.parametrize("path", LESSONS, ids=lesson_ids())
-def test_four_ranks(path):
-    # The README's exact command, real torchrun, as the docstring shows it: the default backend
-    # (gloo here, with the line saying why). Its port comes from torchrun's own PET_MASTER_PORT,
-    # so that the command stays exact and runs beside others. The other runs are warm launches.
-    command = ["torchrun", "--nproc-per-node", "4", str(path.relative_to(ROOT))]
-    env = {"COURSE_BACKEND": "auto", "PET_MASTER_PORT": str(free_port())}
-    result = run_command(command, 300, env, cwd=ROOT)
-    assert result.leftovers == 0, f"{result.leftovers} processes outlived the run"
-    assert_ran(result, path, 4)
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=lesson_ids())

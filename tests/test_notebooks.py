@@ -84,7 +84,7 @@ def test_an_interrupted_cell_leaves_no_rank_behind(tmp_path):
     )
     client = NotebookClient(
         nb,
-        timeout=20,
+        timeout=12,
         kernel_name="python3",
         interrupt_on_timeout=True,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
