@@ -52,9 +52,9 @@ AGENT_VARS = {
     *"ROLE_NAME ROLE_WORLD_SIZE MASTER_ADDR MASTER_PORT TORCH_NCCL_ASYNC_ERROR_HANDLING".split(),
 }
 # What the forkserver imports once, so that every rank forked from it starts with them loaded.
-PRELOAD = [
-    *["torch", "torch.distributed", "torch.testing", "course.ranks", "course.check"],
-    "torch.distributed.tensor",  # torch.testing.assert_close imports it on its first call
+PRELOAD = [  # torch.testing and torch.distributed.tensor: lessons' ranks import them lazily
+    *["torch", "torch.distributed", "torch.testing", "torch.distributed.tensor"],
+    *["course.ranks", "course.check"],
 ]
 
 
