@@ -256,6 +256,7 @@ def _rank_main(target: str, argv: list[str], env: dict, cwd: str, stream: bool) 
             runpy.run_path(target, run_name="__main__")
         else:
             sys.path.insert(0, cwd)  # as `python -m module` would
+            sys.modules.pop(target, None)  # imported before the fork: run it afresh, as -m does
             runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) or err.code is None else 1
