@@ -524,13 +524,12 @@ def _tidy(lines: list[str]) -> list[str]:
 
 def _where_stuck(folder: str) -> list[str]:
     """One line per process of each rank (a rank's own children too) from its faulthandler dump:
-    the call it was in, and the line of the program that made it."""
+    the call it was in, and the line of the program that made it. A process a rank forked has a
+    file of its own (course.ranks._own_stack_file), shown as the rank's child."""
     lines = []
-    dumps = sorted(
-        Path(folder).glob("rank*.txt"), key=lambda p: [int(n) for n in p.stem[4:].split(".")]
-    )
-    for path in dumps:
-        rank, pid = path.stem[4:].split(".")
+    dumps = Path(folder).glob("rank*.txt")  # rank{R}.{pid}.txt, a forked child's .child.txt
+    for path in sorted(dumps, key=lambda p: [int(n) for n in p.stem[4:].split(".")[:2]]):
+        rank, pid, *child = path.stem[4:].split(".")
         threads = path.read_text().split("\n\n")
         main = next((t for t in threads if "in <module>" in t), threads[0])
         frames = re.findall(r'File "(.+)", line (\d+) in (\S+)', main)  # innermost first
@@ -541,8 +540,9 @@ def _where_stuck(folder: str) -> list[str]:
         shown = os.path.relpath(file) if file.startswith(str(ROOT)) else file
         where = f"{shown}:{line}: {linecache.getline(file, int(line)).strip()}"
         inside = f"in {frames[0][2]}() called " if frames[0] != ours[0] else ""
-        alone = sum(p.stem.startswith(f"rank{rank}.") for p in dumps) == 1
-        lines.append(f"[rank {rank}]{'' if alone else f' (pid {pid})'} {inside}at {where}")
+        lines.append(
+            f"[rank {rank}]{f' (its child, pid {pid})' if child else ''} {inside}at {where}"
+        )
     return lines
 
 

@@ -29,18 +29,30 @@ EVEN: Needs = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2
 AT_LEAST_2: Needs = ("at least 2 ranks", lambda n: n >= 2)
 
 
-def dump_stack_on_sigterm() -> None:
+def dump_stack_on_sigterm(child: bool = False) -> None:
     """Started by course.launcher? Then, if the run is stopped (SIGTERM), leave this rank's
     Python stack in a file, so the launcher can say where each rank was stuck."""
     global _stack_fd
     if _stack_fd is None and "COURSE_STACK_DIR" in os.environ and "RANK" in os.environ:
-        path = Path(os.environ["COURSE_STACK_DIR"]) / f"rank{os.environ['RANK']}.{os.getpid()}.txt"
+        name = f"rank{os.environ['RANK']}.{os.getpid()}{'.child' if child else ''}.txt"
+        path = Path(os.environ["COURSE_STACK_DIR"]) / name
         _stack_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # for the process's life
         faulthandler.register(signal.SIGTERM, file=_stack_fd, all_threads=True, chain=True)
 
 
+def _own_stack_file() -> None:
+    """In a process a rank forks (a data loader, a helper): its stack goes to a file of its own,
+    named by its pid, not into the rank's, where it would be read as the rank's."""
+    global _stack_fd
+    if _stack_fd is not None:
+        os.close(_stack_fd)  # this process's copy of the rank's file
+        _stack_fd = None
+        dump_stack_on_sigterm(child=True)
+
+
 _stack_fd = None
 dump_stack_on_sigterm()  # under torchrun (run by the launcher): a rank imports this module fresh
+os.register_at_fork(after_in_child=_own_stack_file)
 
 
 def print_rank(*args: object, sep: str = " ") -> None:
@@ -110,22 +122,27 @@ def _all_ranks_reach(key, timeout_s=20.0):
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
-    """The lesson's own flags go on this; these are the ones every lesson shares."""
+    """The lesson's own flags go on this; these are the ones every lesson shares. A bad value, on
+    the command line or in a COURSE_ variable, is one clear line on every rank, exit code 2."""
     env = os.environ.get
+    if env("COURSE_BACKEND", "auto") not in BACKENDS:
+        usage_error(f"COURSE_BACKEND={env('COURSE_BACKEND')}: use one of {', '.join(BACKENDS)}")
+    if env("COURSE_DEBUG", "0") not in ("0", "1"):
+        usage_error(f"COURSE_DEBUG={env('COURSE_DEBUG')}: set it to 1 (on) or 0 (off)")
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--nproc", type=int, default=4, help="ranks to start under plain python (4)")
     p.add_argument(
         "--backend",
-        choices=["auto", "gloo", "nccl"],
+        choices=BACKENDS,
         default=env("COURSE_BACKEND", "auto"),
         help="auto: NCCL if every local rank has its own GPU, else gloo on CPU",
     )
     p.add_argument(
         "--timeout",
-        type=float,
-        default=float(env("COURSE_TIMEOUT", "60")),
+        type=_seconds("--timeout"),
+        default=_seconds("COURSE_TIMEOUT")(env("COURSE_TIMEOUT", "60")),
         help="seconds a collective may wait before it fails (60)",
     )
     p.add_argument(
@@ -143,6 +160,26 @@ def parser(doc: str) -> argparse.ArgumentParser:
         "and DIR/timeline.png (docs: tracing)",
     )
     return p
+
+
+BACKENDS = ["auto", "gloo", "nccl"]
+
+
+def _seconds(what: str) -> Callable[[str], float]:
+    """A timeout's value, checked: a number of seconds above 0 (0 or less would make every
+    collective fail at once, with a wall of C++ frames)."""
+
+    def convert(text: str) -> float:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = float("nan")
+        if not seconds > 0:
+            sep = "=" if what.isupper() else " "
+            usage_error(f"{what}{sep}{text}: give a number of seconds above 0, e.g. {what}{sep}60")
+        return seconds
+
+    return convert
 
 
 class Rank(NamedTuple):

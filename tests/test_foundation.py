@@ -336,3 +336,36 @@ def test_a_rank_that_leaves_by_os_exit_0_does_not_hang_the_run(tmp_path):
     result = run_ranks(program, 2, timeout=60)
     assert result.returncode == 0 and not result.timed_out, text(result)
     assert "[rank 0] done" in result.lines and result.seconds < 30
+
+
+@pytest.mark.parametrize(
+    "args, env, said",
+    [
+        (["--timeout", "0"], {}, "--timeout 0: give a number of seconds above 0"),
+        (["--timeout", "-5"], {}, "--timeout -5: give a number of seconds above 0"),
+        ([], {"COURSE_TIMEOUT": "abc"}, "COURSE_TIMEOUT=abc: give a number of seconds above 0"),
+        ([], {"COURSE_BACKEND": "cuda"}, "COURSE_BACKEND=cuda: use one of auto, gloo, nccl"),
+        ([], {"COURSE_DEBUG": "yes"}, "COURSE_DEBUG=yes: set it to 1 (on) or 0 (off)"),
+    ],
+)
+def test_a_bad_flag_or_variable_is_one_clear_line_on_every_rank(args, env, said):
+    result = run_ranks(HELLO, 2, args, timeout=60, env={"COURSE_BACKEND": "gloo", **env})
+    out = text(result)
+    assert result.returncode != 0 and not result.timed_out and "Traceback" not in out, out
+    for rank in range(2):
+        assert f"[rank {rank}] error: {said}" in out, out
+
+
+@pytest.mark.parametrize("via", ["forkserver", "torchrun"])
+def test_a_process_a_rank_forks_is_not_shown_as_the_rank(via):
+    """A forked helper's stack goes to a file of its own: the rank is shown where it is
+    (waitpid), its child as its child (torchrun stops whole process groups: both write)."""
+    program = PROGRAMS / "forks_a_helper.py"
+    result = launcher.launch(program, 2, timeout=15, env={"COURSE_BACKEND": "gloo"}, via=via)
+    wait, sleep = (line_of(program, code) for code in ("os.waitpid", "time.sleep(600)"))
+    where = "\n".join(result.stuck)
+    assert result.timed_out, text(result)
+    assert f"[rank 1] at tests/programs/forks_a_helper.py:{wait}: " in where, where
+    for line in result.stuck:
+        if f"forks_a_helper.py:{sleep}:" in line:
+            assert line.startswith("[rank 1] (its child, pid "), where
