@@ -12,9 +12,11 @@ Everything runs on this machine, on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import signal
 import socket
 import sys
@@ -95,6 +97,16 @@ def choose_backend(requested: str, args: argparse.Namespace) -> str:
     return "gloo"
 
 
+def bind(sock: socket.socket, port: int) -> None:
+    """Bind `port`; for 0, a free port outside the range Linux takes outgoing connections' ports
+    from (32768-60999), where port 0's come from too: any connection made before the world binds
+    its port (hundreds, when tests run side by side) could take it first."""
+    for _ in range(0 if port else 50):
+        with contextlib.suppress(OSError):
+            return sock.bind(("", random.randrange(20000, 32000)))
+    sock.bind(("", port))
+
+
 def pick_ports(args: argparse.Namespace) -> list[dict[str, int]]:
     """A port for each world, for each round of the benchmark (a world is made afresh each
     round, on a port of its own): the one asked for if it is free, else a free one (port 0)."""
@@ -120,7 +132,7 @@ def pick_ports(args: argparse.Namespace) -> list[dict[str, int]]:
             flag, port = asked[world]
             held.append(socket.socket())
             try:  # the stores bind every interface: test the same
-                held[-1].bind(("", port if i == 0 else 0))
+                bind(held[-1], port if i == 0 else 0)
             except OSError as err:
                 refuse(
                     f"{flag} {port}: that port is in use on this machine ({err.strerror}). "

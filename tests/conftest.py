@@ -1,6 +1,8 @@
 """Shared test helpers. Every multi-process run goes through course.launcher, so it is bounded
 in time, its output comes back in rank order, and it reports any process it left behind."""
 
+import contextlib
+import random
 import re
 import socket
 import sys
@@ -105,6 +107,12 @@ def assert_shows(out, path, checked_only=False):
 
 
 def free_port():
+    """A free port outside Linux's range for outgoing connections' ports (32768-60999), so that
+    no connection of a test running beside this one takes it before its user binds it."""
+    for _ in range(50):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", random.randrange(20000, 32000)))
+            return s.getsockname()[1]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
