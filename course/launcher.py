@@ -115,7 +115,7 @@ def launch(
     return Launched(code, lines, time.monotonic() - start, stuck, leftovers)
 
 
-def relaunch(nproc: int, argv: list[str], timeout: float | None = None) -> int:
+def relaunch(nproc: int, argv: list[str]) -> int:
     """`python lesson.py`: run this same program on `nproc` ranks forked from this process,
     their output straight to this terminal; Ctrl-C stops them all and shows where each was."""
     import torch.distributed  # noqa: F401  (imported once here, not once per rank)
@@ -127,7 +127,7 @@ def relaunch(nproc: int, argv: list[str], timeout: float | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="course-run-") as run:
         thread = _start_agent(target, nproc, argv, {}, run, "fork", True)
         try:
-            done = _wait(thread, time.monotonic() + (timeout or float("inf")))
+            done = _wait(thread, float("inf"))  # a terminal run: Ctrl-C is its bound
         except KeyboardInterrupt:
             done = False
         finally:
@@ -282,23 +282,24 @@ def _answer_the_agent_on_exit() -> None:
     frame = sys._getframe(1)
     while frame and "ret_val_" not in frame.f_locals:  # torch's _wrap, which called us
         frame = frame.f_back
-    if frame is None:
-        return
-    answer, real_exit = frame.f_locals["ret_val_"], os._exit
+    answer = frame.f_locals["ret_val_"] if frame else None
+    real_exit, rank_pid = os._exit, os.getpid()
 
     def _exit_now(code):
-        if code == 0:
-            answer.put(None)
+        if os.getpid() == rank_pid:  # not in a child the rank forked: it inherits this
+            Path(os.environ[MARK], f"exit.{os.environ['RANK']}").write_text(repr(time.time()))
+            if code == 0 and answer is not None:
+                answer.put(None)
         real_exit(code)
 
     os._exit = _exit_now
 
 
 def _exit(code: int) -> None:
-    """Leave now with `code`: the agent reads it as the rank's exit code, as torchrun would."""
+    """Leave now with `code`: the agent reads it as the rank's exit code, as torchrun would.
+    (os._exit, as _answer_the_agent_on_exit set it: it notes the time in the run's folder.)"""
     sys.stdout.flush()
     sys.stderr.flush()
-    Path(os.environ[MARK], f"exit.{os.environ['RANK']}").write_text(repr(time.time()))
     os._exit(code)
 
 
@@ -385,10 +386,9 @@ def _stop_lost_ranks(run: str) -> list[int]:
     """Ranks still running once the agent has returned: SIGTERM (their stacks are written),
     then whatever is left is killed with the rest of the run."""
     lost = []
-    for pid in _rank_pids(run):
+    for pid in still_running(_rank_pids(run)):
         with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                lost.append(psutil.Process(pid))
+            lost.append(psutil.Process(pid))
     for p in lost:
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -487,13 +487,18 @@ def _processes_of(run: str, groups: set[int]) -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error, ProcessLookupError):
             if p not in found and os.getpgid(p.pid) in groups:
                 found.append(p)
-    return [p for p in found if _status(p) not in (psutil.STATUS_ZOMBIE, "")]  # zombies have ended
+    return [p for p in found if still_running([p.pid])]
 
 
-def _status(p: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return p.status()
-    return ""
+def still_running(pids: Iterable[int]) -> list[int]:
+    """Those of `pids` still running: not gone, not a zombie (it has ended; only its parent has
+    not reaped it)."""
+    running = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+    return running
 
 
 def _tidy(lines: list[str]) -> list[str]:

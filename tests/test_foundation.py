@@ -126,16 +126,6 @@ def in_background(run):
     return thread, results
 
 
-def alive(pids):
-    """Those of `pids` still running (a zombie has ended; only its parent has not reaped it)."""
-    running = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                running.append(pid)
-    return running
-
-
 def hang_with_pids(tmp_path, via, timeout, nproc=4):
     """hang.py in the background, each rank's pid a file in tmp_path: (thread, results, pids())."""
     env = {"COURSE_BACKEND": "gloo", "PIDS": str(tmp_path)}
@@ -159,7 +149,7 @@ def test_a_rank_that_dies_stops_the_others(tmp_path, via):
     who = "launcher" if via == "forkserver" else "torchrun"
     assert f"{who}: rank" in text(result) and "failed first (exit code -9)" in text(result)
     assert result.seconds < 30, text(result)
-    assert result.leftovers == 0 and not alive(pids)
+    assert result.leftovers == 0 and not launcher.still_running(pids)
 
 
 def test_a_run_that_hangs_is_stopped_and_says_where_each_rank_was(capsys):
@@ -179,7 +169,7 @@ def test_a_run_that_hangs_is_stopped_and_says_where_each_rank_was(capsys):
 def test_a_stopped_run_leaves_no_rank_and_the_next_launch_works(tmp_path):
     runner, results, pids = hang_with_pids(tmp_path, "forkserver", timeout=10)
     runner.join()
-    assert results[0].timed_out and results[0].leftovers == 0 and not alive(pids)
+    assert results[0].timed_out and results[0].leftovers == 0 and not launcher.still_running(pids)
     again = run_ranks(HELLO, 2)
     assert again.returncode == 0, text(again)
 
@@ -198,7 +188,7 @@ def test_a_forkserver_killed_from_outside_ends_the_run_and_the_next_launch_works
     assert result.returncode == 1 and result.seconds < 30, text(result)
     lost = "launcher: the forkserver the ranks were forked from is gone (killed from outside?)"
     assert lost in text(result), text(result)
-    assert result.leftovers == 0 and not alive(pids)
+    assert result.leftovers == 0 and not launcher.still_running(pids)
     again = run_ranks(HELLO, 2)
     assert again.returncode == 0, text(again)
 
@@ -264,7 +254,9 @@ def test_ctrl_c_on_plain_python_stops_every_rank_and_says_where(tmp_path, signum
         proc.kill()
     assert proc.returncode == 1, out
     assert "stopped; where each rank was:" in out and "[rank 2] at " in out, out
-    assert len(pids) == 4 and not alive(pids)
+    for rank in (0, 1, 3):
+        assert f"[rank {rank}] in all_reduce() called at " in out, out
+    assert len(pids) == 4 and not launcher.still_running(pids)
 
 
 def test_run_lesson_prints_in_rank_order_and_returns_none(capsys):

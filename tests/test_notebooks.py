@@ -3,16 +3,15 @@ and current; nothing in them forks the kernel or touches CUDA; with the exercise
 by the reference solutions every check passes; an interrupted cell leaves no rank behind.
 (nbval executes every notebook as shipped, through pytest's --nbval option in pyproject.toml.)"""
 
-import contextlib
 import threading
 import time
 
 import nbformat
-import psutil
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
+from course import launcher
 from course.check import load
 
 from conftest import LESSONS, PROGRAMS, ROOT, lesson_ids
@@ -89,12 +88,13 @@ def test_an_interrupted_cell_leaves_no_rank_behind(tmp_path):
         interrupt_on_timeout=True,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
-    seen = []  # the ranks running while the cell runs: each wrote its pid into tmp_path
+
+    def ranks():  # each rank wrote its pid into tmp_path
+        return launcher.still_running(int(p.name) for p in tmp_path.iterdir())
+
+    seen = []  # how many ranks ran, while the cell ran
     watcher = threading.Thread(
-        target=lambda: [
-            seen.append(len(alive([int(p.name) for p in tmp_path.iterdir()]))) or time.sleep(0.5)
-            for _ in range(30)
-        ]
+        target=lambda: [seen.append(len(ranks())) or time.sleep(0.5) for _ in range(30)]
     )
     watcher.start()
     with pytest.raises(Exception) as stopped:
@@ -102,14 +102,4 @@ def test_an_interrupted_cell_leaves_no_rank_behind(tmp_path):
     watcher.join()
     assert max(seen) == 4, "the ranks never started, so this test proved nothing"
     assert isinstance(stopped.value, CellTimeoutError) or "KeyboardInterrupt" in str(stopped.value)
-    assert not alive([int(p.name) for p in tmp_path.iterdir()])  # run_lesson stopped them all
-
-
-def alive(pids):
-    """Those of `pids` still running (a zombie has ended)."""
-    running = []
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                running.append(pid)
-    return running
+    assert not ranks()  # the interrupted run_lesson stopped them all
