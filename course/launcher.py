@@ -109,8 +109,10 @@ def launch(
         lines = _rank_order(run, nproc) + said
     if stuck and timed_out:
         stuck.insert(0, f"stopped after {timeout:.0f} s; where each rank was:")
-    elif stuck:
+    elif stuck and (failed or leftovers):  # else: a rank's own child stopped by the rank (a pool)
         stuck.insert(0, "the launcher stopped the other ranks; where they were:")
+    else:
+        stuck = []
     code = -1 if timed_out else (1 if failed else 0)
     return Launched(code, lines, time.monotonic() - start, stuck, leftovers)
 
@@ -133,8 +135,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         finally:
             if not thread.finished.is_set():
                 _stop(thread, run)
-            _kill_all(run)
-        stuck = _where_stuck(run)
+            leftovers = _kill_all(run)
+        stuck = _where_stuck(run) if not done or thread.failure or leftovers else []
         if not done:
             stuck.insert(0, "stopped; where each rank was:")
         elif stuck:
@@ -319,9 +321,22 @@ def _rank_order(run: str, nproc: int) -> list[str]:
     """Every rank's output: "[rank N]" lines in rank order (stable), then the rest, rank by rank."""
     lines = []
     for path in sorted(Path(run).glob("out.*.txt")):
-        lines += path.read_text(errors="replace").splitlines()
+        lines += _fatal_said(int(path.stem[4:]), path.read_text(errors="replace").splitlines())
     ranked = sorted((int(m[1]), i) for i, line in enumerate(lines) if (m := RANK_LINE.match(line)))
     return [lines[i] for _, i in ranked] + [line for line in lines if not RANK_LINE.match(line)]
+
+
+def _fatal_said(rank: int, lines: list[str]) -> list[str]:
+    """A rank killed by a fatal signal (a C++ abort): C++'s message and faulthandler's report,
+    prefixed with the rank as torch prefixes a traceback; the stack as the one line it was in."""
+    if not (fatal := [i for i, line in enumerate(lines) if line.startswith("Fatal Python")]):
+        return lines
+    said = [
+        f"[rank{rank}]: {line}" if line.startswith(("terminate called", "  what():")) else line
+        for line in lines[: fatal[0]]
+    ]
+    where = _stack_line("\n".join(lines[fatal[0] :])) or "(no Python stack)"
+    return [*said, f"[rank{rank}]: {lines[fatal[0]]}, {where}"]
 
 
 def _failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
@@ -345,10 +360,18 @@ def _failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
     first = min(codes, key=lambda r: (r not in signalled, when[r], r))
     stopped = sorted(r for r in codes if r != first and codes[r] == -signal.SIGTERM)
     line = f"launcher: rank {first} failed first (exit code {codes[first]})"
+    if codes[first] == -signal.SIGABRT and "match expected size" in _output(run, first):
+        line += " (gloo aborts the rank that RECEIVED more bytes than its tensor holds: the rank "
+        line += "whose tensor differs may be another; --debug compares them and names it)"
     if stopped:
         line += f"; the launcher stopped rank{'s' * (len(stopped) > 1)} "
         line += ", ".join(map(str, stopped))
     return line
+
+
+def _output(run: str, rank: int) -> str:
+    path = Path(run, f"out.{rank:05d}.txt")
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 FATAL = {"Aborted": -6, "Segmentation fault": -11, "Bus error": -7, "Floating point exception": -8}
@@ -518,13 +541,29 @@ def _tidy(lines: list[str]) -> list[str]:
         block = "\n".join(lines[i : end + 1])
         if "torch/distributed/run.py" not in block:  # a traceback of the program's own: keep
             kept += lines[i : end + 1]
-        elif first := re.search(r"Root Cause.*?rank\s*: (\d+).*?exitcode\s*: (-?\d+)", block, re.S):
-            kept.append(
-                f"torchrun: rank {first[1]} failed first (exit code {first[2]}) and "
-                "torchrun stopped the others"
-            )
+        elif line := _torchrun_summary(block):
+            kept.append(line)
         i = end + 1
     return kept
+
+
+def _torchrun_summary(report: str) -> str | None:
+    """torchrun's ChildFailedError report as one line: the rank that failed first, and those
+    torchrun stopped (SIGTERM). Its "Root Cause" is the failure it saw first, to the second;
+    ranks that end together tie, and one it stopped itself is never the cause."""
+    entry = r"rank\s*: (\d+).*?exitcode\s*: (-?\d+)"
+    codes = {int(r): int(c) for r, c in re.findall(entry, report, re.S)}
+    if not (root := re.search(rf"Root Cause.*?{entry}", report, re.S)):
+        return None
+    stopped = sorted(r for r, code in codes.items() if code == -signal.SIGTERM)
+    first = int(root[1])
+    if codes[first] == -signal.SIGTERM and len(stopped) < len(codes):
+        first = min(r for r, code in codes.items() if code != -signal.SIGTERM)
+    stopped = [r for r in stopped if r != first]
+    line = f"torchrun: rank {first} failed first (exit code {codes[first]})"
+    if stopped:
+        line += f"; torchrun stopped rank{'s' * (len(stopped) > 1)} {', '.join(map(str, stopped))}"
+    return line
 
 
 def _where_stuck(folder: str) -> list[str]:
@@ -535,20 +574,24 @@ def _where_stuck(folder: str) -> list[str]:
     dumps = Path(folder).glob("rank*.txt")  # rank{R}.{pid}.txt, a forked child's .child.txt
     for path in sorted(dumps, key=lambda p: [int(n) for n in p.stem[4:].split(".")[:2]]):
         rank, pid, *child = path.stem[4:].split(".")
-        threads = path.read_text().split("\n\n")
-        main = next((t for t in threads if "in <module>" in t), threads[0])
-        frames = re.findall(r'File "(.+)", line (\d+) in (\S+)', main)  # innermost first
-        ours = [f for f in frames if "/torch/" not in f[0] and not f[0].endswith("ranks.py")]
-        if not ours:
-            continue
-        file, line, _ = ours[0]
-        shown = os.path.relpath(file) if file.startswith(str(ROOT)) else file
-        where = f"{shown}:{line}: {linecache.getline(file, int(line)).strip()}"
-        inside = f"in {frames[0][2]}() called " if frames[0] != ours[0] else ""
-        lines.append(
-            f"[rank {rank}]{f' (its child, pid {pid})' if child else ''} {inside}at {where}"
-        )
+        if where := _stack_line(path.read_text()):
+            lines.append(f"[rank {rank}]{f' (its child, pid {pid})' if child else ''} {where}")
     return lines
+
+
+def _stack_line(dump: str) -> str | None:
+    """faulthandler's dump of a process's threads -> "in recv() called at x.py:40: <code>": the
+    main thread's innermost call, and the line of the program that made it."""
+    threads = dump.split("\n\n")
+    main = next((t for t in threads if "in <module>" in t), threads[0])
+    frames = re.findall(r'File "(.+)", line (\d+) in (\S+)', main)  # innermost first
+    ours = [f for f in frames if "/torch/" not in f[0] and f"{os.sep}course{os.sep}" not in f[0]]
+    if not ours:
+        return None
+    file, line, _ = ours[0]
+    shown = os.path.relpath(file) if file.startswith(str(ROOT)) else file
+    where = f"{shown}:{line}: {linecache.getline(file, int(line)).strip()}"
+    return f"{f'in {frames[0][2]}() called ' if frames[0] != ours[0] else ''}at {where}"
 
 
 def lesson_path(lesson: str | Path) -> Path:

@@ -24,6 +24,8 @@ from typing import NamedTuple, NoReturn
 import torch
 import torch.distributed as dist
 
+from course import watch
+
 Needs = tuple[str, Callable[[int], bool]]  # world sizes a lesson can use: (what to say, the test)
 EVEN: Needs = ("an even number of ranks, at least 2", lambda n: n >= 2 and n % 2 == 0)
 AT_LEAST_2: Needs = ("at least 2 ranks", lambda n: n >= 2)
@@ -151,6 +153,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
         default=env("COURSE_DEBUG") == "1",
         help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)",
     )
+    p.add_argument(
+        "--stuck-after",
+        type=_seconds("--stuck-after"),
+        default=_seconds("COURSE_STUCK_AFTER")(env("COURSE_STUCK_AFTER", "8")),
+        help="seconds a rank may wait in one call before the ranks say where each one is (8)",
+    )
     p.add_argument("--out", default="out", help="folder for the figures a lesson saves (out/)")
     p.add_argument(
         "--trace",
@@ -217,6 +225,7 @@ def setup(
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
         dist.set_debug_level(dist.DebugLevel.DETAIL)
     timeout = datetime.timedelta(seconds=10 if args.debug else args.timeout)
+    watch.show_stack_on_fatal_signal()  # a C++ abort (gloo's, NCCL's) still shows the Python line
     dist.init_process_group(
         backend, timeout=timeout, device_id=device if backend == "nccl" else None
     )
@@ -225,7 +234,8 @@ def setup(
             dist.barrier(device_ids=[local_rank])
         from course import trace as tracing  # imported only by the ranks that join
 
-        with tracing.recording(trace):
+        stuck_after = getattr(args, "stuck_after", 8.0)
+        with watch.watching(timeout.total_seconds(), stuck_after), tracing.recording(trace):
             yield Rank(rank, local_rank, world_size, backend, device, timeout)
     except Exception as err:  # say it now, before teardown: a peer that notices this rank go
         sys.excepthook(type(err), err, err.__traceback__)  # may end the run before it is said

@@ -9,7 +9,8 @@ the collectives appear as the backends report them to the profiler, gloo as `glo
 ranges with the tensor's shape and dtype, NCCL as its GPU kernels and `record_param_comms`
 events (op, element count, dtype, peer). When the block ends, each rank writes its full trace,
 DIR/rank{N}.json, keeps only the communication, the annotations and the busy spans, and
-sends that to rank 0 (gather_object, which is also the barrier before merging). Rank 0 writes
+sends that to rank 0 through torchrun's store (no collective: whatever the lesson did to
+the default group, the merge works). Rank 0 writes
     DIR/trace.json     one Chrome/Perfetto trace, a process per rank (https://ui.perfetto.dev)
     DIR/timeline.png   a lane per rank: a box per collective or p2p op labelled with the op and
                        this rank's bytes, a line from each send to the recv that took it
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from course import watch
 
 SYNC = "trace: clock sync"  # the annotation around the barrier that starts every recording
 # Bytes per element, by the dtype names gloo ("float", "c10::BFloat16") and NCCL ("BFloat16") use.
@@ -85,6 +88,7 @@ COLORS = {
 }
 BUSY = "busy: CPU ops (gloo) or GPU kernels (NCCL)"  # the timeline's legend for the grey spans
 NOTE = "record_function annotation"
+MERGE_TIMEOUT_S = 300  # rank 0 draws the timeline while the others wait (seconds under load)
 
 
 @contextlib.contextmanager
@@ -117,19 +121,25 @@ def recording(folder: str | Path | None) -> Iterator[None]:
     # A private helper, the one the profiler itself uses; without it p2p peers are guessed.
     groups = [g["ranks"] for g in getattr(dist.distributed_c10d, "_get_all_pg_configs", list)()]
     mine = digest(json.loads((folder / f"rank{rank}.json").read_text()), groups or None)
-    digests = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(mine, digests)
+    # Through torchrun's store, not a collective: a lesson may have used the default group in a
+    # way that leaves the ranks' sequence numbers apart (p2p between two of them: lesson 07), and
+    # --debug's checks then refuse any collective on it.
+    store = watch.run_store(MERGE_TIMEOUT_S)
+    store.set(f"trace/{rank}", json.dumps(mine))
     if rank == 0:
+        keys = [f"trace/{r}" for r in range(dist.get_world_size())]
+        store.wait(keys)
+        digests = [json.loads(store.get(key)) for key in keys]
         (folder / "digests.json").write_text(json.dumps(digests))  # for re-merging: __main__
         print(f"[rank 0] trace: {merge(digests, folder)}", flush=True)
-    # Every rank leaves once rank 0 has merged, not straight after the gather. Once
-    # torch.profiler has run, a gloo group outlives destroy_process_group (torch 2.13: its
-    # worker threads are still there after it; without a profiler they are gone), so they run
-    # into interpreter exit. A worker still releasing the gather's tensors then needs the GIL
-    # while Python shuts down, and the rank dies with "terminate called without an active
-    # exception" (SIGABRT) after its work is done (gdb: pt_gloo_runloop in ~AsyncGatherWork,
-    # about 1 run in 12). Waiting here gives the workers that time.
-    dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+        store.set("trace/merged", "1")
+    # Every rank leaves once rank 0 has merged. Once torch.profiler has run, a gloo group
+    # outlives destroy_process_group (torch 2.13: its worker threads are still there after it;
+    # without a profiler they are gone), so they run into interpreter exit; a worker still
+    # releasing a collective's tensors then needs the GIL while Python shuts down, and the rank
+    # dies with "terminate called without an active exception" (SIGABRT) after its work is done
+    # (gdb: pt_gloo_runloop in ~AsyncGatherWork, about 1 run in 12). Waiting gives them time.
+    store.wait(["trace/merged"])
 
 
 def digest(trace: dict, groups: list[list[int]] | None = None) -> dict:

@@ -167,24 +167,22 @@ def fork_vs_spawn():
 # --8<-- [start:gil]
 def spin(n):
     """Pure Python: holds the GIL the whole time."""
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
+    return sum(i * i for i in range(n))
 
 
 def threads_or_processes(rank, group):
     """Rank 0 runs WORKERS pure-Python loops in 1 thread, WORKERS threads, WORKERS processes
     (start-up included), while a thread waits in dist.recv for what rank 1 sends after WAIT_S.
     The others wait in a barrier: all measuring at once, they would take the cores it needs."""
+    pair = dist.new_group([0, 1], backend="gloo", timeout=TIMEOUT)  # p2p apart: --debug counts
     dist.barrier(group=group)  # start the clock together
     if rank == 1:
         time.sleep(WAIT_S)  # rank 1 is slow: its tensor is ready after WAIT_S
-        dist.send(torch.arange(4.0), dst=0, group=group)
+        dist.send(torch.arange(4.0), dst=0, group=pair)
     if rank != 0:
         return dist.barrier(group=group)  # idle until rank 0 has measured
     got, start = torch.zeros(4), time.perf_counter()
-    receiver = threading.Thread(target=dist.recv, args=(got, 1, group))
+    receiver = threading.Thread(target=dist.recv, args=(got, 1, pair))
     receiver.start()  # it waits, without the GIL, while this thread runs the loops
     fork = multiprocessing.get_context("fork")  # cheap here: the children touch no torch state
     pools = ThreadPoolExecutor(1), ThreadPoolExecutor(WORKERS), ProcessPoolExecutor(WORKERS, fork)

@@ -2,6 +2,7 @@
 in time, its output comes back in rank order, and it reports any process it left behind."""
 
 import contextlib
+import os
 import random
 import re
 import socket
@@ -12,6 +13,10 @@ import torch
 
 from course.launcher import ROOT, launch, run_command, warm_up, what_you_should_see
 
+# A rank waiting this long in one call says where every rank is (course/watch.py). On a loaded
+# test machine a rank can wait 10 s (the default) for one that draws a figure: the tests of the
+# report set it themselves.
+os.environ.setdefault("COURSE_STUCK_AFTER", "30")
 LESSONS = sorted((ROOT / "lessons").glob("[0-9][0-9]_*.py"))
 PROGRAMS = ROOT / "tests" / "programs"
 

@@ -16,6 +16,11 @@ PROGRAMS = sorted(BROKEN.glob("[a-z]*.py"))
 # idle 2-core machine they end in 3-15 s (--debug's collective timeout is 10 s); under the load
 # of a full test run, starting 4 ranks alone has taken 15-20 s.
 BOUND_S = 60
+NEW_GROUP = line_of(BROKEN / "new_group_members_only.py", "pair = dist.new_group(")
+ORDER = line_of(BROKEN / "group_order.py", "groups[tuple(ranks)] = dist.new_group(ranks)")
+# A hang fails at COURSE_TIMEOUT; the report of where every rank is comes at COURSE_STUCK_AFTER
+# (10 s by default: shorter here, to keep the suite short; the mechanism is the same).
+HANG_ENV = {"COURSE_TIMEOUT": "15", "COURSE_STUCK_AFTER": "5"}
 
 
 def call(rank, code):
@@ -61,7 +66,9 @@ EXPECTED = {
     "recv_wrong_shape": [
         "op.preamble.length <= op.nbytes. 40 vs 32. Received data size doesn't match expected size",
         "launcher: rank 1 failed first (exit code -6)",  # SIGABRT, on the receiving rank
-        f'recv_wrong_shape.py", line {line_of(BROKEN / "recv_wrong_shape.py", "dist.recv(batch")}',
+        "[rank1]: Fatal Python error: Aborted, in recv() called at lessons/broken/recv_wrong_shape"
+        f".py:{line_of(BROKEN / 'recv_wrong_shape.py', 'dist.recv(batch')}: "
+        "dist.recv(batch, src=0)",
     ],
     "missing_wait": [
         "[rank1]: AssertionError: rank 1: received [0.0, 0.0, 0.0, 0.0] from rank 0, which sent "
@@ -69,14 +76,37 @@ EXPECTED = {
         "[rank 1] why: rank 0 zeroed its tensor after isend() without waiting on the request",
     ],
     "new_group_members_only": [
-        f"[rank{r}]: RuntimeError: the ranks disagree on the new_group calls, in order: [[0, 1]] "
-        "on ranks 0, 1 but [[2, 3]] on ranks 2, 3"
+        f"[rank{r}]: RuntimeError: the ranks disagree on new_group call 1: [0, 1] on ranks 0, 1 "
+        f"(at lessons/broken/new_group_members_only.py:{NEW_GROUP}) but [2, 3] on ranks 2, 3"
         for r in range(4)
     ],
     "group_order": [
-        f"[rank{r}]: RuntimeError: the ranks disagree on the new_group calls, in order: "
-        "[[0, 1], [2, 3]] on ranks 0, 1 but [[2, 3], [0, 1]] on ranks 2, 3"
+        f"[rank{r}]: RuntimeError: the ranks disagree on new_group call 1: [0, 1] on ranks 0, 1 "
+        f"(at lessons/broken/group_order.py:{ORDER}) but [2, 3] on ranks 2, 3"
         for r in range(4)
+    ],
+    # Hangs under default flags: after --stuck-after (5 s here) one rank says where every rank is.
+    "recv_wrong_source": [
+        re.compile(r"^\[rank \d\] stuck\? rank \d has waited \d+ s in one call", re.M),
+        re.compile(r"rank 1: \d+ s in send\(dst=2, tensor \[1\] float32\) at "),
+        re.compile(r"rank 2: \d+ s in recv\(src=0, tensor \[1\] float32\) at .*src=rank - 2\)"),
+        re.compile(r"rank 3: \d+ s in recv\(src=2, tensor \[1\] float32\) at "),
+    ],
+    "broadcast_src_differs": [
+        re.compile(r"^\[rank \d\] stuck\? rank \d has waited", re.M),
+        re.compile(r"rank \d: \d+ s in broadcast\(src=0, tensor \[4\] float32\) at "),
+        re.compile(r"rank \d: \d+ s in broadcast\(src=1, tensor \[4\] float32\) at "),
+    ],
+    "asleep": [
+        re.compile(r"^\[rank \d\] stuck\? rank \d has waited", re.M),
+        *[
+            re.compile(rf"rank {r}: \d+ s in all_reduce\(tensor \[4\] float32\) at ")
+            for r in (0, 1)
+        ],
+        re.compile(r"rank 3: \d+ s at lessons/broken/asleep\.py:\d+: time\.sleep\(0\.1\)"),
+    ],
+    "dtype_mismatch": [  # --debug: rank 3 named
+        re.compile(r"but Rank 3 is running collective: .*TensorDtypes=Double"),
     ],
 }
 
@@ -93,7 +123,7 @@ def test_every_broken_program_is_tested_and_documented():
 @pytest.mark.parametrize("path", PROGRAMS, ids=[p.stem for p in PROGRAMS])
 def test_broken_program_fails_fast_and_names_the_ranks_and_the_call(path):
     nproc, args = documented_runs(path)[0]
-    result = run_ranks(path, nproc, args, timeout=BOUND_S)  # asserts no process outlived it
+    result = run_ranks(path, nproc, args, timeout=BOUND_S, env=HANG_ENV)  # and none outlived it
     out = text(result)
     assert result.returncode != 0, out
     assert not result.timed_out, f"did not fail by itself within {BOUND_S} s:\n{out}"
@@ -155,3 +185,74 @@ def test_explain_keeps_the_original_error_and_adds_one_line(capsys, monkeypatch)
     with explain("never printed"):
         pass
     assert capsys.readouterr().out == ""
+
+
+def test_a_send_send_deadlock_says_where_every_rank_is_before_the_timeout():
+    """Under default flags (no --debug) the hang explains itself after --stuck-after seconds."""
+    path = BROKEN / "send_send_deadlock.py"
+    result = run_ranks(path, 2, [], timeout=BOUND_S, env=HANG_ENV)
+    out, line = text(result), line_of(path, "dist.send(mine, right)")
+    assert result.returncode != 0 and not result.timed_out, out
+    for rank, peer in ((0, 1), (1, 0)):
+        assert re.search(
+            rf"rank {rank}: \d+ s in send\(dst={peer}, tensor \[4\] float32\) at "
+            rf"lessons/broken/send_send_deadlock\.py:{line}: dist\.send\(mine, right\)",
+            out,
+        ), out
+
+
+def test_a_gloo_abort_shows_the_ranks_python_line_and_who_may_be_the_cause():
+    """Without --debug: the rank gloo aborts is the receiver; the launcher says so."""
+    path = BROKEN / "dtype_mismatch.py"
+    result = run_ranks(path, 4, [], timeout=BOUND_S, env=HANG_ENV)
+    out, line = text(result), line_of(path, "dist.all_reduce(grad)")
+    assert result.returncode != 0 and not result.timed_out, out
+    assert re.search(
+        rf"^\[rank\d\]: Fatal Python error: Aborted, in all_reduce\(\) called at "
+        rf"lessons/broken/dtype_mismatch\.py:{line}: dist\.all_reduce\(grad\)$",
+        out,
+        re.M,
+    ), out
+    assert "the rank whose tensor differs may be another; --debug compares them and names it" in out
+
+
+def test_a_rank_that_never_makes_the_new_group_call_is_named(tmp_path):
+    program = tmp_path / "late.py"
+    program.write_text(
+        "import torch.distributed as dist\n"
+        "from course.ranks import parser, setup\n"
+        "with setup(parser('').parse_args()) as ctx:\n"
+        "    if ctx.rank < 2:\n"
+        "        dist.new_group([0, 1])\n"
+    )
+    result = run_ranks(program, 4, ["--timeout", "3"], timeout=BOUND_S)
+    out = text(result)
+    assert result.returncode != 0 and not result.timed_out, out
+    for rank in (0, 1):
+        assert (
+            f"[rank{rank}]: RuntimeError: new_group call 1 ([0, 1] at {program}:5): rank(s) 2, 3 "
+            "made no call 1 within 3 s"
+        ) in out, out
+
+
+def test_torchruns_report_becomes_one_true_line():
+    """torchrun's "Root Cause" can be a rank it stopped itself (SIGTERM) when ranks end in the same
+    second; the line names the rank that failed, and only the ranks torchrun did stop."""
+    from course.launcher import _torchrun_summary
+
+    def entry(rank, code):
+        return (
+            f"[{rank}]:\n  time      : 2026-12-05_00:00:01\n  rank      : {rank} (local_rank: "
+            f"{rank})\n  exitcode  : {code} (pid: 1)\n"
+        )
+
+    root = "Root Cause (first observed failure):\n"
+    report = f"Failures:\n{entry(1, 1)}{entry(3, -15)}{root}{entry(2, -15)}"
+    assert (
+        _torchrun_summary(report)
+        == "torchrun: rank 1 failed first (exit code 1); torchrun stopped ranks 2, 3"
+    )
+    report = (
+        f"Failures:\n  <NO_OTHER_FAILURES>\nRoot Cause (first observed failure):\n{entry(2, 1)}"
+    )
+    assert _torchrun_summary(report) == "torchrun: rank 2 failed first (exit code 1)"

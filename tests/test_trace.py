@@ -138,6 +138,15 @@ def test_trace_works_on_every_lesson(path, tmp_path):
     assert {e["pid"] for e in events if e.get("cat") == "communication"} == {0, 1}
 
 
+def test_debug_and_trace_together_on_a_lesson_whose_p2p_uses_some_ranks(tmp_path):
+    """Lesson 07 on 4 ranks: ranks 0 and 1 send and receive, 2 and 3 do not. --debug compares
+    every collective's sequence number; the trace's merge uses no collective, so both work."""
+    path = next(p for p in LESSONS if p.name.startswith("07_"))
+    result = run_ranks(path, 4, ["--debug", "--trace", tmp_path], timeout=240)
+    assert result.returncode == 0, text(result)
+    assert "[rank 0] trace: 4 ranks" in text(result)
+
+
 def _event(name, cat, ts, dur, tid=1, **args):
     return {
         "ph": "X",

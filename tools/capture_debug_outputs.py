@@ -8,7 +8,8 @@
     python tools/capture_debug_outputs.py raw             # one run under torchrun, every line
     python tools/capture_debug_outputs.py gpu OUT         # NCCL traces on 2 GPUs, into OUT
 
-broken: every command under "Run it" in every lessons/broken/ program, plus lesson 06 on 3 ranks
+broken: every command under "Run it" in every lessons/broken/ program (a hang under default
+flags takes the 60 s timeout), plus lesson 06 on 3 ranks
 and the send/send deadlock with a long timeout (stopped by the launcher), on gloo. Each output
 goes to docs/outputs/broken_<name>[_<n>].txt as course.launcher prints it: the run_lesson call
 that made it, then the ranks' lines in rank order and the launcher's summary, paths relative.
@@ -74,7 +75,7 @@ def capture_broken():
         for i, (nproc, args) in enumerate(documented_runs(path), 1):
             name = f"broken_{path.stem}" + (f"_{i}" if i > 1 else "")
             command = run_lesson_command(path, nproc, args)
-            save(name, command, launcher.launch(path, nproc, args, timeout=120, env=GLOO))
+            save(name, command, launcher.launch(path, nproc, args, timeout=180, env=GLOO))
     deadlock = ROOT / "lessons" / "broken" / "send_send_deadlock.py"
     save(
         "broken_send_send_deadlock_stopped",

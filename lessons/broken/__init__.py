@@ -8,10 +8,16 @@
     new_group_members_only.py  new_group called only by the ranks that are in the group
     group_order.py             two groups created in a different order on different ranks
     missing_wait.py            a tensor changed after isend, before wait()
-(The ninth mistake on the Debugging page, an odd world size for lesson 06, is lesson 06 itself
+    recv_wrong_source.py       a recv that names a rank which never sends to it
+    broadcast_src_differs.py   ranks name different roots in one broadcast
+    asleep.py                  one rank polls in Python for a file that never comes
+    dtype_mismatch.py          all_reduce of float64 on one rank, float32 on the others
+(The last mistake on the Debugging page, an odd world size for lesson 06, is lesson 06 itself
 started on 3 ranks.) Each file's docstring says what is wrong, the command, what you should see
-and the fix; docs/debugging.md shows every one's real output. Each runs first with --debug
-(TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout), which is how torch names most mistakes.
+and the fix; docs/debugging.md shows every one's real output. A mismatch runs first with --debug
+(TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout), which is how torch names most of them; a
+hang or a bad new_group runs with default flags, where the course itself names it
+(course/watch.py: the new_group check, and where every rank is after --stuck-after seconds).
 """
 
 import contextlib

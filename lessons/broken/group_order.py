@@ -9,13 +9,14 @@ What is wrong
     from one run to the next.
 
 Run it
-    torchrun --nproc-per-node 4 lessons/broken/group_order.py --debug
+    torchrun --nproc-per-node 4 lessons/broken/group_order.py
 
 What you should see
-    The ranks first compare the new_group calls they are about to make
-    (lessons.broken.same_on_every_rank), and every rank fails before any group exists: "the
-    ranks disagree on the new_group calls, in order: [[0, 1], [2, 3]] on ranks 0, 1 but
-    [[2, 3], [0, 1]] on ranks 2, 3", with a line that says why.
+    Every rank fails at once, in its first new_group call, before any group exists:
+    "the ranks disagree on new_group call 1: [0, 1] on ranks 0, 1 (at
+    lessons/broken/group_order.py:NN) but [2, 3] on ranks 2, 3 (at ...)", and the rule. The
+    course compares each rank's k-th new_group call with the others' (course/watch.py), on
+    every run: torch itself has no such check.
 
 The fix
     Create the groups from one list, built the same way on every rank:
@@ -26,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 from course.ranks import parser, print_rank, setup
-from lessons.broken import explain, same_on_every_rank
 
 NEEDS = ("exactly 4 ranks", lambda n: n == 4)
 
@@ -35,18 +35,13 @@ NEEDS = ("exactly 4 ranks", lambda n: n == 4)
 def main():
     args = parser(__doc__).parse_args()
     with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
-        calls = [[0, 1], [2, 3]]
-        if ctx.rank >= 2:
-            calls.reverse()  # the mistake: ranks 2-3 create their own pair first
-        with explain(
-            "ranks 0-1 create [0, 1] then [2, 3], ranks 2-3 the other way round: "
-            "the same group name would mean different groups"
-        ):
-            same_on_every_rank("the new_group calls, in order", calls)
-        groups = {tuple(ranks): dist.new_group(ranks) for ranks in calls}
-        mine = groups[(0, 1) if ctx.rank < 2 else (2, 3)]
+        mine = [0, 1] if ctx.rank < 2 else [2, 3]
+        other = [2, 3] if ctx.rank < 2 else [0, 1]
+        groups = {}
+        for ranks in (mine, other):  # the mistake: each rank creates its own pair first
+            groups[tuple(ranks)] = dist.new_group(ranks)
         x = torch.full((2,), float(ctx.rank + 1), device=ctx.device)
-        dist.all_reduce(x, group=mine)
+        dist.all_reduce(x, group=groups[tuple(mine)])
         print_rank(f"sum over my pair: {x.tolist()}")
     # --8<-- [end:main]
 

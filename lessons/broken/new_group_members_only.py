@@ -9,14 +9,15 @@ What is wrong
     one run to the next.
 
 Run it
-    torchrun --nproc-per-node 4 lessons/broken/new_group_members_only.py --debug
+    torchrun --nproc-per-node 4 lessons/broken/new_group_members_only.py
 
 What you should see
-    The ranks first compare the new_group calls they are about to make
-    (lessons.broken.same_on_every_rank), and every rank fails before any group exists: "the
-    ranks disagree on the new_group calls, in order: [[0, 1]] on ranks 0, 1 but [[2, 3]] on
-    ranks 2, 3", with a line that says why. torch itself has no such check: without it you get
-    the wrong sums or the hang above.
+    Every rank fails at once, in its new_group call, before any group exists: "the ranks
+    disagree on new_group call 1: [0, 1] on ranks 0, 1 (at ...) but [2, 3] on ranks 2, 3
+    (at ...)", and the rule. The course compares each rank's k-th new_group call with the
+    others' (course/watch.py), on every run: torch itself has no such check. (Had ranks 2 and
+    3 called no new_group at all, ranks 0 and 1 would say at --timeout that ranks 2, 3 made
+    no call 1, and after --stuck-after seconds where every rank waits.)
 
 The fix
     Every rank creates both pairs, in the same order, and keeps the one it is in:
@@ -27,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from course.ranks import EVEN, parser, print_rank, setup
-from lessons.broken import explain, same_on_every_rank
 
 NEEDS = EVEN  # ranks pair up: [0, 1], [2, 3], ...
 
@@ -37,13 +37,7 @@ def main():
     args = parser(__doc__).parse_args()
     with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         first = ctx.rank - ctx.rank % 2
-        calls = [[first, first + 1]]  # the mistake: each rank creates only the pair it is in
-        with explain(
-            "each pair called new_group for its own pair only, so both pairs would "
-            "get the same name and meet the wrong partners"
-        ):
-            same_on_every_rank("the new_group calls, in order", calls)
-        pair = dist.new_group(calls[0])
+        pair = dist.new_group([first, first + 1])  # the mistake: only the pair's own ranks call
         x = torch.full((2,), float(ctx.rank + 1), device=ctx.device)
         dist.all_reduce(x, group=pair)
         print_rank(f"sum over my pair: {x.tolist()}")

@@ -12,16 +12,16 @@ Run it
 What you should see
     Rank 1 aborts at once: "terminate called after throwing an instance of
     'gloo::EnforceNotMet' ... op.preamble.length <= op.nbytes. 40 vs 32. Received data size
-    doesn't match expected size", followed by its Python stack (faulthandler), whose
-    recv_wrong_shape.py line is the recv. torchrun reports "rank 1 failed first (exit code -6)"
-    (SIGABRT) and stops rank 0.
+    doesn't match expected size", then "Fatal Python error: Aborted" and its Python stack
+    (faulthandler, which the course turns on in every rank), whose recv_wrong_shape.py line is
+    the recv; the course's launcher shows it as one line, "in recv() called at
+    lessons/broken/recv_wrong_shape.py:NN". The summary says "rank 1 failed first (exit code
+    -6)" (SIGABRT).
 
 The fix
     Send the shape first, in a fixed-size header the receiver can always allocate, then the
     tensor (lesson 02's shape handshake), or use send_object_list for small things.
 """
-
-import faulthandler
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,6 @@ ROWS_EXPECTED, ROWS_SENT = 8, 10  # what the receiver assumes; what the sender's
 
 # --8<-- [start:main]
 def main():
-    faulthandler.enable(all_threads=True)  # a C++ abort then still shows this rank's Python stack
     args = parser(__doc__).parse_args()
     with setup(args, relaunch=True, trace=args.trace) as ctx:
         if ctx.rank == 0:

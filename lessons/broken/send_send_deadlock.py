@@ -7,11 +7,15 @@ What is wrong
 
 Run it
     torchrun --nproc-per-node 2 lessons/broken/send_send_deadlock.py --debug
+    torchrun --nproc-per-node 2 lessons/broken/send_send_deadlock.py
 
 What you should see
     After the 10 s timeout both ranks fail with "Timed out waiting 10000ms for send operation
     to complete", the dist.send line of this file in their tracebacks, and a line that says
-    why. --debug cannot name it sooner: DETAIL checks collectives, not send and recv. Run
+    why. --debug cannot name it sooner: DETAIL checks collectives, not send and recv. Without
+    --debug, after 8 s (--stuck-after) one rank prints where every rank is, "rank 0: 8 s in
+    send(dst=1, tensor [4] float32) at lessons/broken/send_send_deadlock.py:NN", and the
+    same for rank 1: both in send, nobody in recv; the run fails at --timeout (60 s). Run
     with a long timeout (--timeout 600) under course.launcher (a notebook's run_lesson, the
     tests) and the launcher stops the run and prints, per rank, "in send() called at
     lessons/broken/send_send_deadlock.py:NN".
