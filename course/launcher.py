@@ -585,7 +585,12 @@ def _stack_line(dump: str) -> str | None:
     threads = dump.split("\n\n")
     main = next((t for t in threads if "in <module>" in t), threads[0])
     frames = re.findall(r'File "(.+)", line (\d+) in (\S+)', main)  # innermost first
-    ours = [f for f in frames if "/torch/" not in f[0] and f"{os.sep}course{os.sep}" not in f[0]]
+    library = (sys.prefix, sys.base_prefix, str(ROOT / "course"))  # python's, torch's, ours
+    ours = [f for f in frames if not f[0].startswith(library)] or [
+        f
+        for f in frames
+        if "/torch/" not in f[0]  # a process in library code only: its line
+    ]
     if not ours:
         return None
     file, line, _ = ours[0]
