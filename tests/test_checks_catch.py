@@ -14,7 +14,7 @@ from course.check import exercise_file, exercises_of, run_check
 from conftest import ROOT
 
 WRONG = ROOT / "tests" / "wrong"
-LESSONS = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "10", "11"]
+LESSONS = ["00", "01", "02", "03", "04", "05", "06", "07", "08", "10", "11", "13"]
 
 # Each file's answers get the numbers right but skip the point: {verdict's key: words it says}.
 # Those keys, and only those, must differ from the expected answer.

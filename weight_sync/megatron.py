@@ -12,6 +12,16 @@ Megatron (mcore GPT, local layer spec), per TP rank of each pipeline stage:
     decoder.final_layernorm.weight (last stage): vocab-parallel, replicated
 j is the stage-local layer number: global layer = the stage's first layer + j.
 
+A mixture of experts (moe.py, lesson 13) replaces each MLP with
+    decoder.layers.{j}.mlp.router.weight                  replicated
+    decoder.layers.{j}.mlp.experts.local_experts.{k}.linear_fc1.weight   [gate; up] rows
+    decoder.layers.{j}.mlp.experts.local_experts.{k}.linear_fc2.weight   down's columns
+    decoder.layers.{j}.mlp.shared_experts.linear_fc{1,2}.weight          split by TP, as dense
+Routed experts live on EP ranks: EP rank b holds experts b * E/ep .. (b+1) * E/ep - 1 as local
+experts k = 0, 1, ..., each split over expert-TP (ETP) ranks like a dense MLP. Megatron folds
+the expert axes onto the same ranks as the dense ones: within a stage, the tp * dp ranks are
+read again as ETP x EP x expert-DP, ETP fastest (expert_rank below).
+
 A Span (name, dim, start, stop, hf_name, hf_start, hf_stop) says: rows [start:stop) along `dim`
 of this rank's tensor `name` hold HF tensor hf_name's [hf_start:hf_stop) along the same dim
 (the other dim whole). Every conversion here is a copy of spans, nothing else."""
@@ -22,8 +32,9 @@ from typing import NamedTuple
 
 import torch
 
-from weight_sync.model import LlamaShape, Weights, llama_specs
-from weight_sync.vllm_layout import Span
+from weight_sync.model import LlamaShape, Weights
+from weight_sync.moe import is_moe
+from weight_sync.vllm_layout import Span, hf_specs
 
 
 class TrainerRank(NamedTuple):
@@ -35,6 +46,18 @@ class TrainerRank(NamedTuple):
 def trainer_rank(rank: int, tp: int, pp: int, dp: int) -> TrainerRank:
     """Megatron's order of ranks: TP fastest, then DP, then PP (its default "tp-dp-pp")."""
     return TrainerRank(rank % tp, rank // (tp * dp), rank // tp % dp)
+
+
+class ExpertRank(NamedTuple):
+    etp_rank: int
+    ep_rank: int
+    edp_rank: int
+
+
+def expert_rank(rank: int, tp: int, dp: int, ep: int, etp: int) -> ExpertRank:
+    """Megatron's folding: a stage's tp * dp ranks, in their order, read as ETP x EP x EDP."""
+    local = rank % (tp * dp)
+    return ExpertRank(local % etp, local // etp % ep, local // (etp * ep))
 
 
 def stage_layers(layers: int, pp_rank: int, pp_size: int) -> range:
@@ -60,10 +83,51 @@ def check_trainer(shape: LlamaShape, tp: int, pp: int) -> None:
 
 
 def megatron_spans(
-    shape: LlamaShape, tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1
+    shape: LlamaShape,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int = 0,
+    pp_size: int = 1,
+    experts: tuple[int, int, int, int] = (0, 1, 0, 1),
 ) -> list[Span]:
-    """What trainer rank (tp_rank, pp_rank) holds, as Spans of HF tensors."""
+    """What trainer rank (tp_rank, pp_rank) holds, as Spans of HF tensors; of a mixture of
+    experts, `experts` = (ep_rank, ep, etp_rank, etp) says which routed experts."""
     check_trainer(shape, tp_size, pp_size)
+    spans = _dense_spans(shape, tp_rank, tp_size, pp_rank, pp_size)
+    if not is_moe(shape):
+        return spans
+    out = []  # the MLP's spans are the shared expert's (or none), the experts added per layer
+    for s in spans:
+        if ".mlp." not in s.hf_name:
+            out.append(s)
+        elif shape.intermediate:
+            name, hf = s.name.replace("mlp.", "mlp.shared_experts."), s.hf_name
+            out.append(s._replace(name=name, hf_name=hf.replace("mlp.", "mlp.shared_expert.")))
+        if s.name.endswith("pre_mlp_layernorm.weight"):
+            j = int(s.name.split(".")[2])
+            out += expert_spans(shape, j, stage_layers(shape.layers, pp_rank, pp_size)[j], *experts)
+    return out
+
+
+def expert_spans(
+    shape, j: int, i: int, ep_rank: int, ep: int, etp_rank: int, etp: int
+) -> list[Span]:
+    """Stage-local layer j (global i): the router, and EP rank ep_rank's experts, ETP-split."""
+    e_all, m, p = shape.experts, f"decoder.layers.{j}.mlp.", f"model.layers.{i}.mlp."
+    local, inter = e_all // ep, shape.expert_intermediate // etp
+    out = [Span(m + "router.weight", 0, 0, e_all, p + "gate.weight", 0, e_all)]
+    for k in range(local):
+        e, x = ep_rank * local + k, f"{m}experts.local_experts.{k}."
+        hf, part = f"{p}experts.{e}.", _part(inter, etp_rank)
+        out += [
+            Span(x + "linear_fc1.weight", 0, 0, inter, hf + "gate_proj.weight", *part),
+            Span(x + "linear_fc1.weight", 0, inter, 2 * inter, hf + "up_proj.weight", *part),
+            Span(x + "linear_fc2.weight", 1, 0, inter, hf + "down_proj.weight", *part),
+        ]
+    return out
+
+
+def _dense_spans(shape, tp_rank, tp_size, pp_rank, pp_size):
     hd = shape.hidden // shape.heads
     q_per_group = shape.heads // shape.kv_heads  # query heads per KV head (GQA)
     groups = shape.kv_heads // tp_size  # query groups on this TP rank
@@ -119,7 +183,7 @@ def _part(size, rank):
 
 
 def hf_shapes(shape: LlamaShape) -> dict[str, tuple[int, ...]]:
-    return {name: full for name, full, _ in llama_specs(shape)}
+    return {name: full for name, full, _ in hf_specs(shape)}
 
 
 def tensor_shapes(spans: list[Span], shape: LlamaShape) -> dict[str, tuple[int, ...]]:

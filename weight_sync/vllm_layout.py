@@ -6,6 +6,12 @@ one `gate_up_proj` = [gate_r | up_r]; o_proj and down_proj are split by columns,
 and lm_head by vocabulary rows, the norms replicated. When TP exceeds the KV heads, each KV head
 is replicated on tp_size / kv_heads consecutive ranks (vLLM's QKVParallelLinear does the same).
 
+A mixture of experts (moe.py's MoeShape, lesson 13) keeps the router replicated and the shared
+expert split as a dense MLP; its routed experts are held, by a flag, either by TP (every rank a
+slice of every expert: w13 = [gate_r | up_r] rows, w2 its columns, as vLLM's FusedMoE) or by EP
+(experts // tp_size whole experts per rank). vLLM keeps one [local experts, ...] tensor each for
+w13 and w2; here local expert j is `mlp.experts.w13_weight.{j}` (that tensor's [j]).
+
 A Span says where a part of an HF tensor lands in one rank's tensor; the planner of a
 resharded update (Megatron -> HF -> vLLM) and the engine's loader both read them."""
 
@@ -15,7 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from weight_sync.model import LlamaShape, Weights, llama_specs
+from weight_sync.model import LlamaShape, Spec, Weights, llama_specs
+from weight_sync.moe import expert_names, is_moe, moe_specs
 
 
 class Span(NamedTuple):
@@ -31,14 +38,28 @@ class Span(NamedTuple):
     hf_stop: int
 
 
-def engine_tp_sizes(shape: LlamaShape, up_to: int = 64) -> list[int]:
+def hf_specs(shape) -> list[Spec]:
+    """The HF tensors of `shape`, dense Llama or mixture of experts."""
+    return moe_specs(shape) if is_moe(shape) else llama_specs(shape)
+
+
+def engine_tp_sizes(shape: LlamaShape, up_to: int = 64, experts_by: str = "tp") -> list[int]:
     """Every engine TP size up to `up_to` that check_engine_tp accepts for `shape`."""
-    return [tp for tp in range(1, up_to + 1) if _problem(shape, tp) is None]
+    return [tp for tp in range(1, up_to + 1) if _problem(shape, tp, experts_by) is None]
 
 
-def _problem(shape, tp):
+def _problem(shape, tp, experts_by="tp"):
     if tp < 1:
         return f"engine TP {tp}: it must be at least 1"
+    if is_moe(shape) and experts_by == "ep" and tp > shape.experts:
+        return (f"engine EP {tp} needs more experts per rank than exist: {shape.experts} experts "
+                f"cannot give each of {tp} ranks a whole one")  # fmt: skip
+    if is_moe(shape) and experts_by == "ep" and shape.experts % tp:
+        return f"EP {tp} must divide the {shape.experts} experts (whole experts per rank)"
+    if is_moe(shape) and experts_by == "tp" and shape.expert_intermediate % tp:
+        return f"its experts' intermediate size {shape.expert_intermediate} does not split by {tp}"
+    if experts_by not in ("tp", "ep"):
+        return f"experts by {experts_by!r}: by tp or ep"
     for what, n in (
         ("attention heads", shape.heads),
         ("intermediate size", shape.intermediate),
@@ -54,22 +75,22 @@ def _problem(shape, tp):
     return None
 
 
-def check_engine_tp(shape: LlamaShape, tp_size: int) -> None:
+def check_engine_tp(shape: LlamaShape, tp_size: int, experts_by: str = "tp") -> None:
     """Raise ValueError, naming the sizes that work, if `shape` cannot be served at tp_size:
     TP must divide heads, intermediate size and vocabulary, and either divide the KV heads
     or be a multiple of them (then each KV head is replicated on tp_size / kv_heads ranks)."""
-    problem = _problem(shape, tp_size)
+    problem = _problem(shape, tp_size, experts_by)
     if problem:
-        sizes = ", ".join(map(str, engine_tp_sizes(shape, max(64, tp_size))))
+        sizes = ", ".join(map(str, engine_tp_sizes(shape, max(64, tp_size), experts_by)))
         raise ValueError(
             f"engine TP {tp_size} does not fit this model: {problem}. "
             f"Engine TP sizes that work: {sizes}"
         )
 
 
-def _per_rank(shape, tp_rank, tp_size):
+def _per_rank(shape, tp_rank, tp_size, experts_by="tp"):
     """(head_dim, Q rows, KV rows, first KV row, intermediate rows) of one rank."""
-    check_engine_tp(shape, tp_size)
+    check_engine_tp(shape, tp_size, experts_by)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} is not a rank of TP {tp_size}")
     hd = shape.hidden // shape.heads
@@ -86,26 +107,28 @@ def _per_rank(shape, tp_rank, tp_size):
     )
 
 
-def vllm_specs(shape: LlamaShape, tp_size: int) -> list[tuple[str, tuple[int, ...]]]:
+def vllm_specs(
+    shape: LlamaShape, tp_size: int, experts_by: str = "tp"
+) -> list[tuple[str, tuple[int, ...]]]:
     """[(vLLM name, this rank's shard shape)] in the engine's order; the same on every rank."""
-    return [(name, shard) for name, shard, _ in _tensors(shape, 0, tp_size)]
+    return [(name, shard) for name, shard, _ in _tensors(shape, 0, tp_size, experts_by)]
 
 
-def vllm_spans(shape: LlamaShape, tp_rank: int, tp_size: int) -> list[Span]:
+def vllm_spans(shape: LlamaShape, tp_rank: int, tp_size: int, experts_by: str = "tp") -> list[Span]:
     """Every Span of rank tp_rank, in the engine's order: together they cover each byte of
     each of its tensors exactly once."""
-    return [span for _, _, spans in _tensors(shape, tp_rank, tp_size) for span in spans]
+    return [span for _, _, spans in _tensors(shape, tp_rank, tp_size, experts_by) for span in spans]
 
 
 def vllm_tensors(
-    shape: LlamaShape, tp_rank: int, tp_size: int
+    shape: LlamaShape, tp_rank: int, tp_size: int, experts_by: str = "tp"
 ) -> list[tuple[str, tuple[int, ...], list[Span]]]:
     """[(vLLM name, shard shape, its Spans)] of rank tp_rank, in the engine's order."""
-    return _tensors(shape, tp_rank, tp_size)
+    return _tensors(shape, tp_rank, tp_size, experts_by)
 
 
-def _tensors(shape, tp_rank, tp_size):
-    hd, q, kv, first_kv, inter = _per_rank(shape, tp_rank, tp_size)
+def _tensors(shape, tp_rank, tp_size, experts_by="tp"):
+    hd, q, kv, first_kv, inter = _per_rank(shape, tp_rank, tp_size, experts_by)
     h, vocab = shape.hidden, shape.vocab // tp_size
     out = []
 
@@ -137,6 +160,11 @@ def _tensors(shape, tp_rank, tp_size):
         )
         columns(a + "o_proj.weight", h, a + "o_proj.weight", q)
         replicated(p + "post_attention_layernorm.weight")
+        if is_moe(shape):
+            _experts(rows, columns, out, shape, i, tp_rank, tp_size, experts_by)
+            if not shape.intermediate:
+                continue
+            m += "shared_expert."  # split by TP as a dense MLP
         rows(
             m + "gate_up_proj.weight",
             h,
@@ -149,15 +177,36 @@ def _tensors(shape, tp_rank, tp_size):
     return out
 
 
+def _experts(rows, columns, out, shape, i, tp_rank, tp_size, experts_by):
+    """Layer i's router (whole on every rank) and this rank's routed experts."""
+    p, h, e_all = f"model.layers.{i}.mlp.", shape.hidden, shape.experts
+    rows(p + "gate.weight", h, (p + "gate.weight", 0, e_all))
+    by_ep = experts_by == "ep"
+    local = e_all // tp_size if by_ep else e_all
+    inter = shape.expert_intermediate // (1 if by_ep else tp_size)
+    start = 0 if by_ep else tp_rank * inter  # by TP: this rank's rows of every expert
+    for j in range(local):
+        e = tp_rank * local + j if by_ep else j
+        gate, up, down = expert_names(i, e)
+        rows(f"{p}experts.w13_weight.{j}", h, (gate, start, inter), (up, start, inter))
+        name = f"{p}experts.w2_weight.{j}"
+        if by_ep:  # whole: its columns [0, inter)
+            out.append((name, (h, inter), [Span(name, 1, 0, inter, down, 0, inter)]))
+        else:
+            columns(name, h, down, inter)
+
+
 def narrow(tensor: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
     """tensor[start:stop) along dim (a view)."""
     return tensor.narrow(dim, start, stop - start)
 
 
-def hf_to_vllm(hf_weights: Weights, shape: LlamaShape, tp_rank: int, tp_size: int) -> Weights:
+def hf_to_vllm(
+    hf_weights: Weights, shape: LlamaShape, tp_rank: int, tp_size: int, experts_by: str = "tp"
+) -> Weights:
     """Rank tp_rank's vLLM tensors (new, contiguous) from full HF tensors."""
     out = {}
-    for name, shard, spans in _tensors(shape, tp_rank, tp_size):
+    for name, shard, spans in _tensors(shape, tp_rank, tp_size, experts_by):
         some = hf_weights[spans[0].hf_name]
         out[name] = t = torch.empty(shard, dtype=some.dtype, device=some.device)
         for s in spans:
@@ -167,7 +216,7 @@ def hf_to_vllm(hf_weights: Weights, shape: LlamaShape, tp_rank: int, tp_size: in
     return out
 
 
-def vllm_to_hf(per_rank: list[Weights], shape: LlamaShape) -> Weights:
+def vllm_to_hf(per_rank: list[Weights], shape: LlamaShape, experts_by: str = "tp") -> Weights:
     """The full HF tensors from every rank's vLLM tensors (per_rank[r]: rank r's). A KV head
     or norm held by several ranks is read from the first of them; ValueError if another copy
     differs from it (replicas must agree)."""
@@ -175,11 +224,11 @@ def vllm_to_hf(per_rank: list[Weights], shape: LlamaShape) -> Weights:
     some = next(iter(per_rank[0].values()))
     out = {
         name: torch.empty(full, dtype=some.dtype, device=some.device)
-        for name, full, _ in llama_specs(shape)
+        for name, full, _ in hf_specs(shape)
     }
     done = set()
     for r, weights in enumerate(per_rank):
-        for s in vllm_spans(shape, r, tp_size):
+        for s in vllm_spans(shape, r, tp_size, experts_by):
             part = narrow(weights[s.name], s.dim, s.start, s.stop)
             target = narrow(out[s.hf_name], s.dim, s.hf_start, s.hf_stop)
             if (s.hf_name, s.dim, s.hf_start) not in done:

@@ -1,0 +1,187 @@
+"""Lesson 13's regroups side by side: a mixture-of-experts update with no regroup, with the
+trainer's experts regrouped by all_to_all, and by all_gather, same run, same model.
+
+    torchrun --nproc-per-node 4 benchmarks/experts.py              # trainer DP2 = EP2 + engine TP2
+    torchrun --nproc-per-node 8 benchmarks/experts.py --trainer 1,1,4,4 --engine 4
+    NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 8 benchmarks/experts.py --backend nccl \\
+        --trainer 1,1,4,4 --engine 4
+
+One world: trainer ranks first (Megatron layout with EP, float32), engine ranks after (vLLM
+layout, bf16, experts by --experts-by). For each regroup it runs one round to warm up, then
+--repeats rounds of: the regroup (trainer ranks only), then one verified update along lesson
+10's direct path (checksums, coverage, vote, commit), and reports the median times (slowest
+rank), the bytes the busiest trainer rank sends in the regroup, the most memory a rank
+allocated for the regroup and for the update's buffers, and how many engine ranks each trainer
+rank sends experts to. It checks the engine's logits against one process's MoE forward after
+every regroup's last round. Writes 13_experts_<backend>.md, .json and 13_experts_flows.png
+(who sends how many bytes to whom) to --out (out/).
+"""
+
+import collections
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error
+from weight_sync import reshard as rs
+from weight_sync.megatron import from_hf
+from weight_sync.moe import PRESETS, forward, make_moe_weights
+from weight_sync.vllm_layout import hf_to_vllm
+
+DTYPE = torch.bfloat16  # the engine's
+PROMPT = [34, 176, 211, 56, 165, 25, 22, 141]
+
+
+def flows(shape, world, how, plan, itemsize):
+    """{"regroup": {(src, dst): bytes}, "update": {(src, dst): bytes}}: who sends what to whom."""
+    out = {"regroup": collections.Counter(), "update": collections.Counter()}
+    full = {n: f for n, f, _ in rs.hf_specs(shape)}
+    for ts in plan.values():
+        for t in ts:
+            out["update"][t.src, t.dst] += rs._numel(t, full) * DTYPE.itemsize
+    for rank in range(world.trainers) if how != "none" else ():
+        if how == "all_to_all":
+            for t in rs.regroup_plan(shape, world, rank).get(rank, []):
+                if t.src != rank:
+                    out["regroup"][t.src, rank] += rs._numel(t, full) * itemsize
+        else:
+            spans = [s for s in rs.trainer_spans(shape, world)[rank] if rs.is_expert(s)]
+            mine = sum((s.stop - s.start) * full[s.hf_name][1 - s.dim] for s in spans)
+            for peer in rs.expert_group(world, rank, ep_only=True):
+                if peer != rank:
+                    out["regroup"][rank, peer] += mine * itemsize
+    return out
+
+
+def plot_flows(per_how, world, path):
+    """One row per regroup: bytes from each trainer rank to each trainer rank (the regroup) and
+    to each engine rank (the update), as a matrix."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 2.6 * len(per_how)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(per_how), 2, squeeze=False)
+    engines = list(range(world.trainers, world.size))
+    for row, (how, f) in enumerate(per_how.items()):
+        for col, (step, dsts) in enumerate((("regroup", range(world.trainers)),
+                                            ("update", engines))):  # fmt: skip
+            grid = [[f[step].get((s, d), 0) / 1e6 for d in dsts] for s in range(world.trainers)]
+            ax = axes[row][col]
+            top = max(max(line) for line in grid) or 1.0
+            ax.imshow(grid, cmap="Blues", vmin=0, vmax=top * 1.6)  # light enough for the text
+            for s, line in enumerate(grid):
+                for d, mb in enumerate(line):
+                    ax.text(d, s, f"{mb:.1f}" if mb else "", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(dsts)), [str(d) for d in dsts])
+            ax.set_yticks(range(world.trainers), [str(s) for s in range(world.trainers)])
+            ax.set_title(f"{how}: {step}, MB" + (" (none)" if not f[step] else ""), fontsize=9)
+            ax.set_xlabel("to trainer rank" if step == "regroup" else "to engine rank", fontsize=8)
+            ax.set_ylabel("from trainer rank", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--trainer", default="1,1,2,2", help="tp,pp,dp,ep[,etp] (1,1,2,2)")
+    p.add_argument("--engine", default="2", help="tp[,replicas] (2)")
+    p.add_argument("--experts-by", choices=("tp", "ep"), default="tp")
+    p.add_argument("--preset", default="small-moe", choices=sorted(PRESETS), help="(small-moe)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds per regroup (5)")
+    args = p.parse_args()
+    with setup(args, AT_LEAST_2) as ctx:
+        sizes = [int(x) for x in args.trainer.split(",")]
+        tp, pp, dp, ep, etp = sizes + [1, 0][len(sizes) - 3 :]
+        engine_tp, replicas = (int(x) for x in (args.engine + ",1").split(",")[:2])
+        world = rs.World(tp, pp, dp, engine_tp, replicas, ep, etp, args.experts_by)
+        shape = PRESETS[args.preset]
+        if world.size != ctx.world_size:
+            usage_error(f"--trainer {args.trainer} --engine {args.engine} needs {world.size} "
+                        f"ranks: torchrun --nproc-per-node {world.size} "
+                        "benchmarks/experts.py")  # fmt: skip
+        destinations, plans, skipped = rs.engine_spans(shape, world), {}, ""
+        for how in ("none", *rs.REGROUPS):
+            try:
+                sources = rs.sources(shape, world, None if how == "none" else how)
+            except rs.PlanError as err:
+                skipped = f"{how} not run: {err}"
+                continue
+            plans[how] = (sources, rs.plan_transfers(sources, destinations))
+            rs.check_plan(plans[how][1], destinations, shape)
+        group, tp_rank = rs.engine_world(world, ctx.device)
+        groups = rs.expert_world(world)
+        hf = make_moe_weights(shape, 1)
+        engine = weights = None
+        if world.is_trainer(ctx.rank):
+            held = from_hf(plans["none"][0][ctx.rank], shape, hf)
+            weights = {n: w.to(ctx.device) for n, w in held.items()}
+        else:
+            live = hf_to_vllm(hf, shape, tp_rank, engine_tp, args.experts_by)
+            live = {n: w.to(ctx.device, DTYPE) for n, w in live.items()}
+            engine = rs.Engine(shape, tp_rank, engine_tp, live, group, args.experts_by)
+        reference = forward({n: w.to(DTYPE) for n, w in hf.items()}, shape, PROMPT)
+        expert_bytes = sum(w.numel() for n, w in hf.items() if ".mlp.experts." in n) * 4
+        label = (f"{ctx.backend}, {args.preset} ({expert_bytes / 1e6:.1f} MB of routed experts "
+                 f"in float32), trainer TP{tp} x PP{pp} x DP{dp}, EP{ep} x expert TP"
+                 f"{world.expert_tp}, engine TP{engine_tp} x {replicas}, experts by "
+                 f"{args.experts_by}")  # fmt: skip
+        rows = []
+        for how, (sources, plan) in plans.items():
+            runs = []
+            for _ in range(args.repeats + 1):
+                send, regrouped = weights, rs.Moved(0.0, 0, 0, 0)
+                if weights is not None and how != "none":
+                    send, regrouped = rs.regroup(how, shape, world, ctx.rank, weights, groups,
+                                                 ctx.device)  # fmt: skip
+                result = rs.update("direct", plan, world, ctx.rank, shape, send, DTYPE, ctx.device,
+                                   engine, spans=sources.get(ctx.rank))  # fmt: skip
+                assert result.ok, result.why
+                runs.append((rs.slowest(regrouped, ctx.device),
+                             rs.slowest(result.moved, ctx.device)))  # fmt: skip
+            if engine is not None:  # the engine's output, against one process's
+                torch.testing.assert_close(engine.logits(PROMPT).cpu(), reference,
+                                           rtol=1e-4, atol=1e-4)  # fmt: skip
+            r, u = runs[-1]
+            experts = [t for ts in plan.values() for t in ts if ".experts." in t.hf_name]
+            fed = [len({t.dst for t in experts if t.src == s}) for s in range(world.trainers)]
+            rows.append(dict(
+                regroup=how, regroup_s=statistics.median(x[0]["seconds"] for x in runs[1:]),
+                update_s=statistics.median(x[1]["seconds"] for x in runs[1:]),
+                regroup_out=max(r["sent"]), regroup_extra=max(r["extra"]),
+                update_extra=max(u["extra"]), into_engine=u["received"][world.trainers:],
+                fed=max(fed)))  # fmt: skip
+        lines = ["| regroup | regroup ms | update ms | total ms | regroup: out of busiest rank "
+                 "| regroup: peak extra memory | update buffers: peak extra memory | into each "
+                 "engine rank | engine ranks a trainer rank feeds |",
+                 "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for x in rows:
+            into = ", ".join(f"{b / 1e6:.1f}" for b in x["into_engine"])
+            lines.append(f"| {x['regroup']} | {x['regroup_s'] * 1e3:.1f} | "
+                         f"{x['update_s'] * 1e3:.1f} | "
+                         f"{(x['regroup_s'] + x['update_s']) * 1e3:.1f} | "
+                         f"{x['regroup_out'] / 1e6:.1f} MB | {x['regroup_extra'] / 1e6:.1f} MB | "
+                         f"{x['update_extra'] / 1e6:.1f} MB | {into} MB | "
+                         f"{x['fed']} |")  # fmt: skip
+        if skipped:
+            lines += ["", skipped]
+        print0(label + "\n\n" + "\n".join(lines))
+        print0("checked: every update committed, and the engine's logits equal one process's")
+        if ctx.rank == 0:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"13_experts_{ctx.backend}.md").write_text(
+                label + "\n\n" + "\n".join(lines) + "\n"
+            )
+            (out / f"13_experts_{ctx.backend}.json").write_text(
+                json.dumps(dict(label=label, rows=rows), indent=1)
+            )
+            per_how = {how: flows(shape, world, how, plan, 4) for how, (_, plan) in plans.items()}
+            plot_flows(per_how, world, out / "13_experts_flows.png")
+            print0(f"saved {out}/13_experts_{ctx.backend}.md, .json and 13_experts_flows.png")
+
+
+if __name__ == "__main__":
+    main()
