@@ -8,7 +8,8 @@ built from a store, the plan (layout, buckets, checksums) of the fast path, and 
 Modules (each one job; communication primitives apart from the code that uses them):
     model.py      LlamaShape, PRESETS, shape_from_hf, llama_specs, make_weights, forward: a
                   Llama model (HF's config and names; equal to transformers' LlamaForCausalLM)
-                  and a TP forward pass over vLLM-style shards (greedy next token)
+                  and a TP forward pass over vLLM-style shards (greedy next token);
+                  forward_cached, one step of a continuous batch with a KV cache per request
     vllm_layout.py  Span, vllm_specs, vllm_spans, hf_to_vllm, vllm_to_hf, check_engine_tp: how
                   a vLLM-style engine holds the model per TP rank (fused qkv_proj, gate_up_proj,
                   KV heads replicated when TP exceeds them), and HF <-> vLLM
@@ -39,6 +40,14 @@ Modules (each one job; communication primitives apart from the code that uses th
                   (CUDA IPC; shared memory on CPU), the engine's flat layout and checksums, three
                   designs (fresh handles, a shared bucket, handles opened once and one fused
                   verified pull), and ChatLearn's two-stage route for a mixed GPU map
+    moe.py        lesson 13: a mixture-of-experts variant of the model (router, routed experts,
+                  an optional shared expert; HF's names), its specs, weights and a single-process
+                  forward (top-k routing, ties broken by expert number)
+    serve.py      lesson 12: LiveEngine, an Engine that serves generation while it is updated (a
+                  continuous batch, greedy decoding with a KV cache per request, every token
+                  tagged with its weight version; the commit between two steps under a
+                  read-write lock or the seed's polling; policies drain, abort, keep), and
+                  LiveClient, Load (a client at a set rate) and the checks of the replies
     __main__.py   an engine on its own
 
 An engine on its own, as tests run it (to kill a trainer mid-transfer and keep the engine),

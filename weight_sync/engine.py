@@ -371,10 +371,13 @@ def serve_engine(
     host: str = "127.0.0.1",
     port_file: str | None = None,
     quiet: bool = False,
+    engine_type: type[Engine] | None = None,
+    **extra: Any,
 ) -> Engine:
     """Run one engine rank of this torchrun job until shutdown; returns the Engine (its weights,
     its version). Engine rank 0 hosts the control plane on host:<free port> and says where in
-    torchrun's store (and in port_file, if given)."""
+    torchrun's store (and in port_file, if given). engine_type: a subclass of Engine to serve
+    (lesson 12's LiveEngine), given `extra` as keyword arguments."""
     check_engine_tp(PRESETS[preset], tp_size)  # ValueError on every rank, before anything runs
     timeout = seconds(timeout_s)
     session = next(_sessions)
@@ -398,7 +401,9 @@ def serve_engine(
                 f.write(f"{host}:{port}")
             os.replace(f"{port_file}.tmp", port_file)
     meeting.wait([key])
-    engine = Engine(tp_group, backend, device, meeting.get(key).decode(), timeout_s, poll_s)
+    engine = (engine_type or Engine)(
+        tp_group, backend, device, meeting.get(key).decode(), timeout_s, poll_s, **extra
+    )
     loaded = engine.op_load_model(preset, seed, str(dtype))
     if not quiet:
         engine.log(

@@ -117,11 +117,16 @@ class FastPath:
                 f"{problem}: update rejected on every engine rank, version "
                 f"{self.version} kept{dropped}"
             )
+        self._commit()
+        times["committed"] = time.monotonic()
+        return {"version": self.version, **times}
+
+    def _commit(self) -> None:
+        """Swap staging and live, bump the version (lesson 12's serving engine does it between
+        two generation steps, under its lock)."""
         self.live, self.staging = self.staging, self.live  # the commit: a swap, nothing copied
         self.weights, self.staged = self.staged, self.weights
         self.version += 1
-        times["committed"] = time.monotonic()
-        return {"version": self.version, **times}
 
     # --8<-- [end:commit]
 

@@ -252,3 +252,92 @@ def forward(
         tp_group.all_gather(parts, logits).wait()
         logits = torch.cat(parts, dim=1)
     return logits if every_position else logits[0]
+
+
+def forward_cached(
+    weights: Weights,
+    shape: LlamaShape,
+    segments: Sequence[Sequence[int]],
+    caches: list[list],
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: Group | None = None,
+) -> torch.Tensor:
+    """One step of a continuous batch: segments[j], the new tokens of request j, follow what
+    its KV cache caches[j] holds (a list with one [k, v] per layer, [] for a fresh request: a
+    prefill); every segment goes through the linear layers packed together, attention is per
+    request. Appends each request's new keys and values to its cache and returns the logits of
+    each segment's last position, [len(segments), vocab], in float32. Equal to `forward` on
+    each request's whole sequence; same shards, TP ranks and collectives."""
+    from weight_sync.vllm_layout import check_engine_tp, hf_to_vllm
+
+    check_engine_tp(shape, tp_size)
+    if tp_size == 1 and "model.layers.0.self_attn.q_proj.weight" in weights:
+        weights = hf_to_vllm(weights, shape, 0, 1)
+
+    def reduce(x):  # a row-parallel product is a partial sum on each rank: add them up
+        if tp_size > 1:
+            tp_group.all_reduce(x).wait()
+        return x
+
+    def w(name):
+        return weights[name].float()
+
+    def norm(x, name):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + shape.rms_norm_eps) * w(name)
+
+    device = weights["model.norm.weight"].device
+    hd = shape.hidden // shape.heads
+    heads, kv_heads = shape.heads // tp_size, max(1, shape.kv_heads // tp_size)
+    lengths = [len(s) for s in segments]
+    starts = [c[0][0].shape[1] if c else 0 for c in caches]  # tokens already cached
+    tokens = torch.tensor([t for s in segments for t in s], device=device)
+    positions = torch.tensor(
+        [p for s, at in zip(lengths, starts) for p in range(at, at + s)], device=device
+    )
+    embed = w("model.embed_tokens.weight")
+    local = tokens - tp_rank * embed.shape[0]
+    inside = ((local >= 0) & (local < embed.shape[0])).unsqueeze(1)
+    x = reduce(F.embedding(local.clamp(0, embed.shape[0] - 1), embed) * inside)
+    angles = positions[:, None].float() * rope_frequencies(shape, device)
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+
+    def rope(t):  # t: [heads, n, hd]
+        return t * cos + torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
+
+    for i in range(shape.layers):
+        p = f"model.layers.{i}."
+        h = norm(x, p + "input_layernorm.weight")
+        qkv = h @ w(p + "self_attn.qkv_proj.weight").T
+        q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
+        n = len(tokens)
+        q = rope(q.view(n, heads, hd).transpose(0, 1))
+        k = rope(k.view(n, kv_heads, hd).transpose(0, 1))
+        v = v.view(n, kv_heads, hd).transpose(0, 1)
+        outs, at = [], 0
+        for j, (length, start) in enumerate(zip(lengths, starts)):
+            mine = slice(at, at + length)
+            if i == len(caches[j]):
+                caches[j].append([k[:, :0], v[:, :0]])
+            cache = caches[j][i]
+            cache[0] = torch.cat([cache[0], k[:, mine]], 1)
+            cache[1] = torch.cat([cache[1], v[:, mine]], 1)
+            keys, values = (t.repeat_interleave(heads // kv_heads, 0) for t in cache)
+            # query at position start + a sees keys 0 .. start + a (the cache and itself)
+            mask = torch.arange(start + length, device=device) <= (
+                start + torch.arange(length, device=device)[:, None]
+            )
+            att = F.scaled_dot_product_attention(q[:, mine], keys, values, attn_mask=mask)
+            outs.append(att.transpose(0, 1).reshape(length, heads * hd))
+            at += length
+        x = x + reduce(torch.cat(outs) @ w(p + "self_attn.o_proj.weight").T)
+        h = norm(x, p + "post_attention_layernorm.weight")
+        gate, up = (h @ w(p + "mlp.gate_up_proj.weight").T).chunk(2, dim=1)
+        x = x + reduce((F.silu(gate) * up) @ w(p + "mlp.down_proj.weight").T)
+    last = x[torch.tensor(lengths, device=device).cumsum(0) - 1]
+    logits = norm(last, "model.norm.weight") @ w("lm_head.weight").T
+    if tp_size > 1:
+        parts = [torch.empty_like(logits) for _ in range(tp_size)]
+        tp_group.all_gather(parts, logits).wait()
+        logits = torch.cat(parts, dim=1)
+    return logits
