@@ -69,6 +69,37 @@ def test_no_python_is_pasted_into_the_docs():
             )
 
 
+# A line that a program printed: a rank's, a launcher's, or the command line of a captured run.
+OUTPUT_LINE = re.compile(r"\s*(\[rank|\[launcher\]|launcher:|\$ (torchrun|python) )")
+FENCED = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.S | re.M)
+
+
+def pasted_outputs(page_text):
+    """The fenced blocks of a page that hold program output and are not includes."""
+    return [
+        block
+        for block in FENCED.findall(page_text)
+        if any(OUTPUT_LINE.match(line) for line in block.splitlines())
+        and not all(
+            line.strip().startswith("--8<--") for line in block.splitlines() if line.strip()
+        )
+    ]
+
+
+def test_no_program_output_is_pasted_into_the_docs():
+    """Outputs live in docs/outputs/, written by a real run (tools/capture_debug_outputs.py), or in
+    docs/outputs/gpu/ saying what produced them; a page includes them, never a hand copy."""
+    pasted = "```text\n[rank 0] error: a student left\nlauncher: rank 2 failed first\n```\n"
+    included = '```text\n--8<-- "docs/outputs/page_06_teacher_exits.txt"\n```\n'
+    assert pasted_outputs(pasted) and not pasted_outputs(included)  # the check can fail
+    problems = [
+        f"{page.relative_to(ROOT)}: program output pasted by hand:\n{block}"
+        for page in sorted((ROOT / "docs").rglob("*.md"))
+        for block in pasted_outputs(page.read_text())
+    ]
+    assert not problems, "\n".join(problems)
+
+
 def browser():
     """Headless Debian chromium through chromedriver; None if not installed (CI installs it)."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")

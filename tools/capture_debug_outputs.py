@@ -1,11 +1,12 @@
-"""Regenerate the real outputs and pictures that docs/debugging.md and docs/tracing.md show.
+"""Regenerate the real outputs and pictures that the docs show (debugging, tracing, other pages).
 
-    python tools/capture_debug_outputs.py                 # broken, traces, overhead: ~30 min
+    python tools/capture_debug_outputs.py                 # all but gpu: ~35 min
     python tools/capture_debug_outputs.py broken          # docs/outputs/broken_*.txt only
     python tools/capture_debug_outputs.py traces          # docs/figures/trace_*.png only
     python tools/capture_debug_outputs.py overhead        # docs/outputs/trace_overhead.txt
     python tools/capture_debug_outputs.py troubles        # docs/outputs/trouble_*.txt only
     python tools/capture_debug_outputs.py raw             # one run under torchrun, every line
+    python tools/capture_debug_outputs.py pages [NAME..]  # docs/outputs/page_*.txt: ~5 min
     python tools/capture_debug_outputs.py gpu OUT         # NCCL traces on 2 GPUs, into OUT
 
 broken: every command under "Run it" in every lessons/broken/ program (a hang under default
@@ -18,6 +19,9 @@ traces: lessons 02, 05, 06 and 09, and the reference solutions of exercises 02.2
 09.1 (through `COURSE_TRACE=DIR python -m lessons.check ID --solution`), with --trace on 2 or 4
 gloo ranks; each timeline redrawn (course.trace.merge) zoomed on the part the docs talk about.
 overhead: benchmarks/trace_overhead.py's output.
+pages: every other output a page shows (PAGES: lessons' --broken demos, checks of wrong answers,
+distill_demo and rpc_demo runs, benchmarks, bad flags, faults), each from the command the page
+names, on gloo, into docs/outputs/page_<name>.txt: the command, then its lines (ranks in order).
 troubles: for docs/troubleshooting.md, lesson 00 told to meet on a port that is already taken,
 and told to use NCCL on a machine without enough GPUs.
 gpu: lessons 00 (if it takes --trace), 02, 06 and 09 with --trace on 2 ranks, NCCL (or
@@ -30,6 +34,7 @@ import collections
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -129,6 +134,148 @@ def capture_troubles():
         run_lesson_command(hello, 2, ["--backend", "nccl"]),
         launcher.launch(hello, 2, ["--backend", "nccl"], timeout=60),
     )
+
+
+PYTHON = "python"  # how a command reads in docs/outputs: as a learner types it
+DEMO = ["--out", "out/pages"]  # the demos' figures: not the ones in docs/figures
+
+
+def dying_teacher(test_file, rank, step, folder):
+    """The wrapper that a test (tests/<test_file>.py) uses to make teacher `rank` exit with code 0
+    at its `step`-th answer: the pages show what the others then say."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    test = __import__(test_file)
+    return test.dying_teacher(Path(folder), rank, step, "os._exit(0)")
+
+
+# name: (what to run, ranks, arguments, timeout s). What: a lesson's number; "check"; a `python -m`
+# module (it starts its own processes); "-c" (python -c); or (a test's file, teacher rank, step).
+PAGES = {
+    "01_broken_order": ("01", 4, ["--broken", "order"], 120),
+    "01_check_wrong": ("check", 0, ["01", "--file", "tests/wrong/01_groups.py"], 180),
+    "02_broken_deadlock": ("02", 2, ["--broken", "deadlock"], 120),
+    "02_check_wrong_1": ("check", 0, ["02.1", "--file", "tests/wrong/02_p2p.py"], 180),
+    "02_check_wrong_2": ("check", 0, ["02.2", "--file", "tests/wrong/02_p2p.py"], 180),
+    "06_teacher_exits": (("test_06_distill", 3, 5), 4, [], 120),
+    "distill_demo": ("distill_demo", 0, ["--nproc", "4", *DEMO], 300),
+    "distill_demo_bench": ("distill_demo", 0, ["--nproc", "2", "--bench", *DEMO], 300),
+    "distill_demo_bad_ratio": ("distill_demo", 0, ["--nproc", "4", "--ratio", "1:2"], 60),
+    "distill_demo_bad_topk": (
+        "distill_demo",
+        0,
+        ["--nproc", "2", "--transfer", "topk", "--topk", "300"],
+        60,
+    ),
+    "distill_demo_bad_batch": (
+        "distill_demo",
+        0,
+        ["--nproc", "4", "--ratio", "3:1", "--batch", "2"],
+        60,
+    ),
+    "distill_demo_teacher_exits": (
+        ("test_distill_demo", 3, 5),
+        4,
+        ["--ratio", "1:3", "--steps", "50", "--teacher-steps", "0", *DEMO],
+        120,
+    ),
+    "rpc_demo": ("rpc_demo", 0, DEMO, 300),
+    "rpc_demo_bench": (
+        "rpc_demo",
+        0,
+        ["--students", "1", "--teachers", "1", "--bench", *DEMO],
+        400,
+    ),
+    "rpc_demo_bench_shm": (
+        "rpc_demo",
+        0,
+        ["--students", "1", "--teachers", "1", "--bench", "--rpc-transport", "shm", *DEMO],
+        400,
+    ),
+    "rpc_demo_bad_port": ("rpc_demo", 0, ["--rpc-port", "TAKEN"], 60),
+    "rpc_demo_same_ports": ("rpc_demo", 0, ["--student-port", "5000", "--rpc-port", "5000"], 60),
+    "rpc_demo_bad_batch": (
+        "rpc_demo",
+        0,
+        ["--students", "1", "--teachers", "3", "--batch", "2"],
+        60,
+    ),
+    "rpc_demo_fork_refused": (  # CUDA needs a GPU; a process group joined first does it on CPU
+        "-c",
+        0,
+        [
+            "import torch.distributed as dist; from rpc_demo.__main__ import main; "
+            'dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1); '
+            'main(["--start", "fork"])'
+        ],
+        60,
+    ),
+    "rpc_demo_dies": (
+        "rpc_demo",
+        0,
+        ["--fault", "dies", "--rpc-timeout", "5", "--teacher-steps", "0"],
+        120,
+    ),
+    "rpc_demo_hangs": (
+        "rpc_demo",
+        0,
+        ["--fault", "hangs", "--rpc-timeout", "5", "--teacher-steps", "0"],
+        120,
+    ),
+    "rpc_demo_absent": (
+        "rpc_demo",
+        0,
+        ["--fault", "absent", "--rpc-timeout", "5", "--teacher-steps", "0"],
+        120,
+    ),
+    "rpc_demo_slow_teacher": (
+        "rpc_demo",
+        0,
+        [
+            "--students",
+            "1",
+            "--teachers",
+            "1",
+            "--teacher-steps",
+            "1200",
+            "--rpc-timeout",
+            "3",
+            *DEMO,
+        ],
+        400,
+    ),
+}
+
+
+def capture_pages(only=None):
+    OUTPUTS.mkdir(parents=True, exist_ok=True)
+    for name, (what, nproc, args, timeout) in PAGES.items():
+        if only and name not in only:
+            continue
+        with tempfile.TemporaryDirectory() as folder, socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))  # something else listens on this port
+            taken.listen()
+            args = [str(taken.getsockname()[1]) if a == "TAKEN" else a for a in args]
+            if isinstance(what, tuple):  # the program, wrapped by a test to lose a teacher
+                test_file, rank, step = what
+                program = "-m distill_demo" if "demo" in test_file else "lessons/06_distill.py"
+                command = (
+                    f"torchrun --nproc-per-node {nproc} {program} {' '.join(args)}".rstrip()
+                    + f"  # teacher rank {rank} made to exit (code 0) at its answer {step} by"
+                    f" tests/{test_file}.py's dying_teacher"
+                )
+                path = dying_teacher(test_file, rank, step, folder)
+                env = {**GLOO, "COURSE_TIMEOUT": "30"}
+                result = launcher.launch(path, nproc, args, timeout, env=env)
+            elif what.isdigit():
+                path = launcher.lesson_path(what)
+                command = run_lesson_command(path, nproc, args)
+                result = launcher.launch(path, nproc, args, timeout, env=GLOO)
+            else:
+                head = {"check": ["-m", "lessons.check"], "-c": ["-c"]}.get(what, ["-m", what])
+                command = shlex.join([PYTHON, *head, *args])
+                cmd = [sys.executable, *head, *args]
+                result = launcher.run_command(cmd, timeout, env=GLOO, cwd=ROOT)
+        save(f"page_{name}", command, result)
 
 
 def span_of(op, pad=1.0):
@@ -327,7 +474,14 @@ def capture_gpu(out):
 
 
 def main():
-    parts = sys.argv[1:] or ["broken", "traces", "overhead", "troubles", "raw"]  # gpu: if asked
+    parts = sys.argv[1:] or [
+        "broken",
+        "traces",
+        "overhead",
+        "troubles",
+        "raw",
+        "pages",
+    ]  # gpu: if asked
     if "broken" in parts:
         capture_broken()
     if "traces" in parts:
@@ -338,6 +492,8 @@ def main():
         capture_troubles()
     if "raw" in parts:
         capture_raw()
+    if "pages" in parts:
+        capture_pages([p for p in parts if p in PAGES] or None)
     if parts[0] == "gpu":
         capture_gpu(parts[1] if len(parts) > 1 else "out/gpu")
 
