@@ -23,7 +23,8 @@ pages: every other output a page shows (PAGES: lessons' --broken demos, checks o
 distill_demo and rpc_demo runs, benchmarks, bad flags, faults), each from the command the page
 names, on gloo, into docs/outputs/page_<name>.txt: the command, then its lines (ranks in order).
 troubles: for docs/troubleshooting.md, lesson 00 told to meet on a port that is already taken,
-and told to use NCCL on a machine without enough GPUs.
+told to use NCCL on a machine without enough GPUs, and given bad values (--timeout 0,
+COURSE_TIMEOUT=abc, COURSE_BACKEND=cuda, COURSE_DEBUG=yes).
 gpu: lessons 00 (if it takes --trace), 02, 06 and 09 with --trace on 2 ranks, NCCL (or
 COURSE_BACKEND), each bounded by 30 s; into OUT, at most 7 files: nccl_<lesson>.png for each,
 nccl_02_trace.json, gpu_summary.txt (versions, exits, the event formats seen) and
@@ -134,6 +135,21 @@ def capture_troubles():
         run_lesson_command(hello, 2, ["--backend", "nccl"]),
         launcher.launch(hello, 2, ["--backend", "nccl"], timeout=60),
     )
+    bad = [  # a bad value on the command line or in a COURSE_ variable: one line on every rank
+        (["--timeout", "0"], {}),
+        ([], {"COURSE_TIMEOUT": "abc"}),
+        ([], {"COURSE_BACKEND": "cuda"}),
+        ([], {"COURSE_DEBUG": "yes"}),
+    ]
+    text = []
+    for args, env in bad:
+        done = launcher.launch(hello, 2, args, timeout=60, env={**GLOO, **env})
+        command = run_lesson_command(hello, 2, args)
+        if env:
+            command = command.replace(')"', f', env={env!r})"')
+        text += [f"$ {command}", *tidy(done.lines + done.stuck), ""]
+    (OUTPUTS / "trouble_bad_values.txt").write_text("\n".join(text))
+    print("docs/outputs/trouble_bad_values.txt", flush=True)
 
 
 PYTHON = "python"  # how a command reads in docs/outputs: as a learner types it
