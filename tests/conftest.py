@@ -146,3 +146,93 @@ def reference_student(n_students, steps=4, teacher_steps=3, batch=8, vocab=256, 
         device=torch.device("cpu"),
     )
     return train_reference(cfg, "full", n_students, steps)[1]
+
+
+def assert_refused_on_every_rank(target, nproc, args, says, timeout=120):
+    """`target` on `nproc` ranks fails, every rank printing `error: ` and one of them `says`,
+    with no traceback (a clear refusal, not a crash). Returns the output."""
+    result = run_ranks(target, nproc, args, timeout=timeout)
+    out = text(result)
+    assert result.returncode != 0, out
+    for rank in range(nproc):
+        assert f"[rank {rank}] error: " in out, out
+    assert says in out, out
+    assert "Traceback" not in out, out
+    return out
+
+
+# A scenario (a test file run as a program, beside an engine job) prints `RESULT name: text`
+# lines, each in one write; the test reads them back by name.
+def report(name, value):
+    sys.stdout.write(f"RESULT {name}: {value}\n")
+    sys.stdout.flush()
+
+
+def reported(out):
+    """{name: text} from the `RESULT name: text` lines of `out`."""
+    return {
+        line.split(": ", 1)[0][len("RESULT ") :]: line.split(": ", 1)[1]
+        for line in out.splitlines()
+        if line.startswith("RESULT ") and ": " in line
+    }
+
+
+def engine_address(port_file, within=120):
+    """The address an engine job writes to `port_file`, once it has (it may still be starting)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while not os.path.exists(port_file):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no engine wrote {port_file} within {within} s")
+        time.sleep(0.1)
+    with open(port_file) as f:
+        return f.read()
+
+
+def die_after_sends(group, sends=2):
+    """Make this process (a trainer) SIGKILL itself mid-update: once `group` has sent `sends`
+    messages and the last has left, it reports `dying` and is killed."""
+    import signal
+
+    send, sent = group.send, []
+
+    def send_then_die(data, dst):
+        work = send(data, dst)
+        sent.append(work)
+        if len(sent) == sends:
+            work.wait()
+            report("dying", f"after {sends} buckets")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return work
+
+    group.send = send_then_die
+
+
+@contextlib.contextmanager
+def engine_job(target, nproc, args, port_file, scenarios):
+    """An engine: `target` on `nproc` ranks in a thread, serving until a scenario stops it.
+    Yields the job's box, {"result": run_ranks's} once it has ended. On the way out, an engine
+    still running that wrote `port_file` (a scenario failed before stopping it) is stopped by
+    `python scenarios shutdown port_file`; then the job is joined and any error raised."""
+    import threading
+
+    box = {}
+
+    def serve():
+        try:
+            box["result"] = run_ranks(target, nproc, args, timeout=240)
+        except BaseException as err:  # e.g. processes left behind: report it in the test
+            box["error"] = err
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        if thread.is_alive() and os.path.exists(port_file):
+            run_python(scenarios, ["shutdown", port_file], timeout=60)
+        thread.join(260)
+        assert not thread.is_alive(), "the engine job did not end"
+        if "error" in box:
+            raise box["error"]

@@ -9,11 +9,9 @@ on. Every run is bounded (conftest); a scenario prints `RESULT name: text` lines
 non-zero, with the reason, when one of its own checks fails."""
 
 import contextlib
-import os
 import runpy
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +19,17 @@ import pytest
 
 from course.check import run_check, solution_file
 
-from conftest import ROOT, run_python, run_ranks, text
+from conftest import (
+    ROOT,
+    die_after_sends,
+    engine_address,
+    engine_job,
+    report,
+    reported,
+    run_python,
+    run_ranks,
+    text,
+)
 
 THIS = Path(__file__).resolve()
 ENGINE_TIMEOUT_S = 8  # the engine's waits; the trainer's are longer: the engine answers first
@@ -35,42 +43,16 @@ UNCHANGED = "weights byte-identical, version 0, next token as before"
 @contextlib.contextmanager
 def engine(tp, folder, preset="tiny"):
     """An engine of `tp` ranks as its own torchrun job; yields (port file, its result box)."""
-    port_file, box = folder / f"engine-tp{tp}.addr", {}
-
-    def serve():
-        try:
-            box["result"] = run_ranks(
-                "weight_sync",
-                tp,
-                ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120]
-                + ["--preset", preset],
-                timeout=240,
-            )
-        except BaseException as err:  # e.g. processes left behind: report it in the test
-            box["error"] = err
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    port_file = folder / f"engine-tp{tp}.addr"
+    args = ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120]
+    with engine_job("weight_sync", tp, args + ["--preset", preset], port_file, THIS) as box:
         yield port_file, box
-    finally:
-        if thread.is_alive() and port_file.exists():  # a scenario failed before shutting it down
-            run_python(THIS, ["shutdown", port_file], timeout=60)
-        thread.join(260)
-        assert not thread.is_alive(), "the engine job did not end"
-        if "error" in box:
-            raise box["error"]
 
 
 def scenario(name, port_file, *args, timeout=150):
     result = run_python(THIS, [name, port_file, *args], timeout=timeout)
     out = text(result)
-    results = {
-        line.split(": ", 1)[0][len("RESULT ") :]: line.split(": ", 1)[1]
-        for line in out.splitlines()
-        if line.startswith("RESULT ") and ": " in line
-    }
-    return result, out, results
+    return result, out, reported(out)
 
 
 @pytest.mark.parametrize("tp, preset", [(1, "tiny"), (2, "tiny"), (2, "tiny-mqa")])
@@ -292,20 +274,10 @@ def test_benchmark_prints_the_table_and_saves_the_chart(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Scenario side: the trainer, a process of its own
-def report(name, value):
-    sys.stdout.write(f"RESULT {name}: {value}\n")
-    sys.stdout.flush()
-
-
 def connect(port_file):
     from weight_sync.control import EngineClient
 
-    deadline = time.monotonic() + 120
-    while not Path(port_file).exists():  # the engine job is still starting
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no engine wrote {port_file} within 120 s")
-        time.sleep(0.1)
-    return EngineClient(Path(port_file).read_text(), TRAINER_TIMEOUT_S)
+    return EngineClient(engine_address(port_file), TRAINER_TIMEOUT_S)
 
 
 class Trainer:
@@ -541,18 +513,7 @@ def run_bad_inputs(t):
 def run_die_mid_transfer(t):
     group = t.group("wu")
     updater = t.updater(group, 2, bucket_bytes=4096)  # many buckets: die after two
-    send, sent = group.send, []
-
-    def send_then_die(data, dst):
-        work = send(data, dst)
-        sent.append(work)
-        if len(sent) == 2:
-            work.wait()
-            report("dying", "after 2 buckets")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return work
-
-    group.send = send_then_die
+    die_after_sends(group)
     updater.update()
     report("survived", "SHOULD HAVE DIED")
 

@@ -9,11 +9,9 @@ tests/test_12_live_engine.py SCENARIO PORT_FILE), as in test_09_weight_update.py
 die and the engine live on. A scenario prints `RESULT name: text` lines; "ok..." is a pass."""
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,7 +19,16 @@ import pytest
 
 from course.check import exercise_file, load, run_check
 
-from conftest import ROOT, run_python, run_ranks, text
+from conftest import (
+    ROOT,
+    die_after_sends,
+    engine_address,
+    engine_job,
+    report,
+    reported,
+    run_python,
+    text,
+)
 
 THIS = Path(__file__).resolve()
 ENGINE_TIMEOUT_S = 4  # the engine's waits: a dead trainer's update fails after this long
@@ -85,38 +92,18 @@ def test_wrong_locks_fail_the_check(name, says):
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     """One engine of TP=2 serving every scenario in turn; yields its port file."""
-    port_file, box = tmp_path_factory.mktemp("live") / "engine.addr", {}
-
-    def serve():
-        try:
-            args = ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120]
-            box["result"] = run_ranks("weight_sync.serve", 2, args, timeout=240)
-        except BaseException as err:
-            box["error"] = err
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    port_file = tmp_path_factory.mktemp("live") / "engine.addr"
+    args = ["--port-file", port_file, "--timeout", ENGINE_TIMEOUT_S, "--idle", 120]
+    with engine_job("weight_sync.serve", 2, args, port_file, THIS) as box:
         yield port_file
-    finally:
-        if thread.is_alive():
-            run_python(THIS, ["shutdown", port_file], timeout=60)
-        thread.join(260)
-        assert not thread.is_alive(), "the engine job did not end"
-        if "error" in box:
-            raise box["error"]
-        assert box["result"].returncode == 0, text(box["result"])
+    assert box["result"].returncode == 0, text(box["result"])
 
 
 def scenario(name, port_file, timeout=150):
     result = run_python(THIS, [name, port_file], timeout=timeout)
     out = text(result)
     assert result.returncode == 0, out
-    return out, {
-        line.split(": ", 1)[0][len("RESULT ") :]: line.split(": ", 1)[1]
-        for line in out.splitlines()
-        if line.startswith("RESULT ") and ": " in line
-    }
+    return out, reported(out)
 
 
 @pytest.mark.parametrize(
@@ -156,20 +143,10 @@ def test_trainer_killed_mid_update_engine_keeps_serving(engine, policies):
 
 # ---------------------------------------------------------------------------------------------
 # scenario side: one process, the trainer and the client
-def report(name, value):
-    sys.stdout.write(f"RESULT {name}: {value}\n")
-    sys.stdout.flush()
-
-
 def connect(port_file):
     from weight_sync import serve
 
-    deadline = time.monotonic() + 120
-    while not Path(port_file).exists():  # the engine job is still starting
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no engine wrote {port_file} within 120 s")
-        time.sleep(0.1)
-    return serve.LiveClient(Path(port_file).read_text(), TIMEOUT_S)
+    return serve.LiveClient(engine_address(port_file), TIMEOUT_S)
 
 
 def updater_for(client, name, weights, bucket_bytes=1 << 16):
@@ -267,18 +244,7 @@ def run_die(port_file):
 
     client = connect(port_file)
     updater = updater_for(client, "dying", ws.make_weights(ws.PRESETS["tiny"], 3, "cpu"), 4096)
-    send, sent = updater.group.send, []
-
-    def send_then_die(data, dst):
-        work = send(data, dst)
-        sent.append(work)
-        if len(sent) == 2:
-            work.wait()
-            report("dying", "after 2 buckets")
-            os.kill(os.getpid(), signal.SIGKILL)
-        return work
-
-    updater.group.send = send_then_die
+    die_after_sends(updater.group)
     updater.update()
 
 

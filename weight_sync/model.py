@@ -6,7 +6,7 @@ seed, any tensor on any rank alone; nothing is downloaded."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -187,24 +187,40 @@ def rope_frequencies(shape: LlamaShape, device: torch.device | str) -> torch.Ten
     return torch.where(between, blended, scaled)
 
 
-def forward(
-    weights: Weights,
-    shape: LlamaShape,
-    tokens: Sequence[int] | torch.Tensor,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    tp_group: Group | None = None,
-    every_position: bool = False,
-) -> torch.Tensor:
-    """Logits of the last position after `tokens` (every_position: of each position), in
-    float32, by one TP rank holding the shards `weights` as vLLM does (vllm_layout.py: fused
-    qkv_proj and gate_up_proj, KV heads replicated when TP exceeds them). With tp_size 1, full
-    HF weights are accepted too (converted first): the single-process reference."""
+def swiglu(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Llama's MLP on h: silu(gate) * up, then down; gate_up is [gate | up] by rows."""
+    gate, up = (h @ gate_up.T).chunk(2, dim=1)
+    return (F.silu(gate) * up) @ down.T
+
+
+def dense_mlp(h: torch.Tensor, w, p: str) -> torch.Tensor:
+    """One layer's MLP by one TP rank (a partial sum): its [gate_r | up_r] rows, down's columns."""
+    return swiglu(h, w(p + "gate_up_proj.weight"), w(p + "down_proj.weight"))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **how) -> torch.Tensor:
+    """[heads, n, hd] from q [heads, n, hd] and k, v [kv_heads, m, hd]: each KV head serves
+    heads // kv_heads query heads (grouped-query attention)."""
+    k, v = (t.repeat_interleave(q.shape[0] // k.shape[0], 0) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, **how)
+
+
+def _engine_weights(weights: Weights, shape: LlamaShape, tp_size: int, check=True) -> Weights:
+    """`weights` as the engine holds them: at TP 1, full HF weights are converted first (the
+    single-process reference). check: refuse a model that does not split over tp_size."""
     from weight_sync.vllm_layout import check_engine_tp, hf_to_vllm
 
-    check_engine_tp(shape, tp_size)
+    if check:
+        check_engine_tp(shape, tp_size)
     if tp_size == 1 and "model.layers.0.self_attn.q_proj.weight" in weights:
-        weights = hf_to_vllm(weights, shape, 0, 1)
+        return hf_to_vllm(weights, shape, 0, 1)
+    return weights
+
+
+def _layers(weights, shape, tokens, positions, attend, mlp, rows, tp_rank, tp_size, tp_group):
+    """The logits of x[rows] after every layer, [rows, vocab] gathered over TP, in float32.
+    tokens and positions: [n]; attend(i, q, k, v) -> [heads, n, hd] is layer i's attention
+    (q, k roped, [heads or kv_heads, n, hd]); mlp(h, w, prefix): one rank's partial sum."""
 
     def reduce(x):  # a row-parallel product is a partial sum on each rank: add them up
         if tp_size > 1:
@@ -217,14 +233,13 @@ def forward(
     def norm(x, name):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + shape.rms_norm_eps) * w(name)
 
-    tokens = torch.as_tensor(tokens, device=weights["model.norm.weight"].device)
     n, hd = len(tokens), shape.hidden // shape.heads
     heads, kv_heads = shape.heads // tp_size, max(1, shape.kv_heads // tp_size)  # this rank's
     embed = w("model.embed_tokens.weight")  # vocab-parallel: this rank's rows of the vocabulary
     local = tokens - tp_rank * embed.shape[0]
     inside = ((local >= 0) & (local < embed.shape[0])).unsqueeze(1)
     x = reduce(F.embedding(local.clamp(0, embed.shape[0] - 1), embed) * inside)
-    angles = torch.arange(n, device=x.device)[:, None].float() * rope_frequencies(shape, x.device)
+    angles = positions[:, None].float() * rope_frequencies(shape, x.device)
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
 
     def rope(t):  # t: [heads, n, hd]
@@ -239,18 +254,44 @@ def forward(
         qkv = h @ w(p + "self_attn.qkv_proj.weight").T  # [Q_r | K_r | V_r]: one product
         q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
         q, k, v = rope(heads_of(q, heads)), rope(heads_of(k, kv_heads)), heads_of(v, kv_heads)
-        k, v = (t.repeat_interleave(heads // kv_heads, 0) for t in (k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
-        x = x + reduce(att.reshape(n, heads * hd) @ w(p + "self_attn.o_proj.weight").T)
+        att = attend(i, q, k, v).transpose(0, 1).reshape(n, heads * hd)
+        x = x + reduce(att @ w(p + "self_attn.o_proj.weight").T)
         h = norm(x, p + "post_attention_layernorm.weight")
-        gate, up = (h @ w(p + "mlp.gate_up_proj.weight").T).chunk(2, dim=1)
-        x = x + reduce((F.silu(gate) * up) @ w(p + "mlp.down_proj.weight").T)
-    last = x if every_position else x[-1:]
-    logits = norm(last, "model.norm.weight") @ w("lm_head.weight").T  # this rank's vocab slice
+        x = x + reduce(mlp(h, w, p + "mlp."))
+    logits = norm(x[rows], "model.norm.weight") @ w("lm_head.weight").T  # this rank's vocab slice
     if tp_size > 1:
         parts = [torch.empty_like(logits) for _ in range(tp_size)]
         tp_group.all_gather(parts, logits).wait()
         logits = torch.cat(parts, dim=1)
+    return logits
+
+
+def forward(
+    weights: Weights,
+    shape: LlamaShape,
+    tokens: Sequence[int] | torch.Tensor,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    tp_group: Group | None = None,
+    every_position: bool = False,
+    mlp: Callable | None = None,
+) -> torch.Tensor:
+    """Logits of the last position after `tokens` (every_position: of each position), in
+    float32, by one TP rank holding the shards `weights` as vLLM does (vllm_layout.py: fused
+    qkv_proj and gate_up_proj, KV heads replicated when TP exceeds them). With tp_size 1, full
+    HF weights are accepted too (converted first): the single-process reference. mlp: another
+    MLP for every layer, mlp(h, w, prefix) -> this rank's partial sum (moe.py's experts)."""
+    # another MLP (moe.py's experts, by TP or EP) splits its own way: its caller checks that
+    weights = _engine_weights(weights, shape, tp_size, check=mlp is None)
+    tokens = torch.as_tensor(tokens, device=weights["model.norm.weight"].device)
+    positions = torch.arange(len(tokens), device=tokens.device)
+
+    def causal(i, q, k, v):
+        return attention(q, k, v, is_causal=True)
+
+    rows = slice(None) if every_position else slice(-1, None)
+    tp = (tp_rank, tp_size, tp_group)
+    logits = _layers(weights, shape, tokens, positions, causal, mlp or dense_mlp, rows, *tp)
     return logits if every_position else logits[0]
 
 
@@ -269,51 +310,16 @@ def forward_cached(
     request. Appends each request's new keys and values to its cache and returns the logits of
     each segment's last position, [len(segments), vocab], in float32. Equal to `forward` on
     each request's whole sequence; same shards, TP ranks and collectives."""
-    from weight_sync.vllm_layout import check_engine_tp, hf_to_vllm
-
-    check_engine_tp(shape, tp_size)
-    if tp_size == 1 and "model.layers.0.self_attn.q_proj.weight" in weights:
-        weights = hf_to_vllm(weights, shape, 0, 1)
-
-    def reduce(x):  # a row-parallel product is a partial sum on each rank: add them up
-        if tp_size > 1:
-            tp_group.all_reduce(x).wait()
-        return x
-
-    def w(name):
-        return weights[name].float()
-
-    def norm(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + shape.rms_norm_eps) * w(name)
-
+    weights = _engine_weights(weights, shape, tp_size)
     device = weights["model.norm.weight"].device
-    hd = shape.hidden // shape.heads
-    heads, kv_heads = shape.heads // tp_size, max(1, shape.kv_heads // tp_size)
     lengths = [len(s) for s in segments]
     starts = [c[0][0].shape[1] if c else 0 for c in caches]  # tokens already cached
     tokens = torch.tensor([t for s in segments for t in s], device=device)
     positions = torch.tensor(
         [p for s, at in zip(lengths, starts) for p in range(at, at + s)], device=device
     )
-    embed = w("model.embed_tokens.weight")
-    local = tokens - tp_rank * embed.shape[0]
-    inside = ((local >= 0) & (local < embed.shape[0])).unsqueeze(1)
-    x = reduce(F.embedding(local.clamp(0, embed.shape[0] - 1), embed) * inside)
-    angles = positions[:, None].float() * rope_frequencies(shape, device)
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
 
-    def rope(t):  # t: [heads, n, hd]
-        return t * cos + torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
-
-    for i in range(shape.layers):
-        p = f"model.layers.{i}."
-        h = norm(x, p + "input_layernorm.weight")
-        qkv = h @ w(p + "self_attn.qkv_proj.weight").T
-        q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
-        n = len(tokens)
-        q = rope(q.view(n, heads, hd).transpose(0, 1))
-        k = rope(k.view(n, kv_heads, hd).transpose(0, 1))
-        v = v.view(n, kv_heads, hd).transpose(0, 1)
+    def per_request(i, q, k, v):  # each request's queries see its cache and its own tokens
         outs, at = [], 0
         for j, (length, start) in enumerate(zip(lengths, starts)):
             mine = slice(at, at + length)
@@ -322,22 +328,14 @@ def forward_cached(
             cache = caches[j][i]
             cache[0] = torch.cat([cache[0], k[:, mine]], 1)
             cache[1] = torch.cat([cache[1], v[:, mine]], 1)
-            keys, values = (t.repeat_interleave(heads // kv_heads, 0) for t in cache)
             # query at position start + a sees keys 0 .. start + a (the cache and itself)
             mask = torch.arange(start + length, device=device) <= (
                 start + torch.arange(length, device=device)[:, None]
             )
-            att = F.scaled_dot_product_attention(q[:, mine], keys, values, attn_mask=mask)
-            outs.append(att.transpose(0, 1).reshape(length, heads * hd))
+            outs.append(attention(q[:, mine], *cache, attn_mask=mask))
             at += length
-        x = x + reduce(torch.cat(outs) @ w(p + "self_attn.o_proj.weight").T)
-        h = norm(x, p + "post_attention_layernorm.weight")
-        gate, up = (h @ w(p + "mlp.gate_up_proj.weight").T).chunk(2, dim=1)
-        x = x + reduce((F.silu(gate) * up) @ w(p + "mlp.down_proj.weight").T)
-    last = x[torch.tensor(lengths, device=device).cumsum(0) - 1]
-    logits = norm(last, "model.norm.weight") @ w("lm_head.weight").T
-    if tp_size > 1:
-        parts = [torch.empty_like(logits) for _ in range(tp_size)]
-        tp_group.all_gather(parts, logits).wait()
-        logits = torch.cat(parts, dim=1)
-    return logits
+        return torch.cat(outs, 1)
+
+    ends = torch.tensor(lengths, device=device).cumsum(0) - 1  # each segment's last position
+    tp = (tp_rank, tp_size, tp_group)
+    return _layers(weights, shape, tokens, positions, per_request, dense_mlp, ends, *tp)

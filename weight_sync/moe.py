@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from weight_sync.model import Spec, Weights, llama_specs, rope_frequencies
+from weight_sync.model import Spec, Weights, llama_specs, swiglu
+from weight_sync.model import forward as llama_forward
 
 if TYPE_CHECKING:
     from weight_sync.groups import Group
@@ -105,11 +105,6 @@ def route(h: torch.Tensor, router: torch.Tensor, top_k: int) -> torch.Tensor:
     # --8<-- [end:route]
 
 
-def _swiglu(h, gate_up, down):
-    gate, up = (h @ gate_up.T).chunk(2, dim=1)
-    return (F.silu(gate) * up) @ down.T
-
-
 def hf_moe(h, w, p, shape, hits=None):
     """The reference MLP of one layer, straight from HF's per-expert tensors."""
     combine = route(h, w(p + "gate.weight"), shape.top_k)
@@ -118,11 +113,11 @@ def hf_moe(h, w, p, shape, hits=None):
     out = torch.zeros_like(h)
     for e in range(shape.experts):
         gate, up, down = (w(f"{p}experts.{e}.{x}_proj.weight") for x in ("gate", "up", "down"))
-        out += combine[:, e, None] * _swiglu(h, torch.cat([gate, up]), down)
+        out += combine[:, e, None] * swiglu(h, torch.cat([gate, up]), down)
     if shape.intermediate:
         s = p + "shared_expert."
         gate_up = torch.cat([w(s + "gate_proj.weight"), w(s + "up_proj.weight")])
-        out += _swiglu(h, gate_up, w(s + "down_proj.weight"))
+        out += swiglu(h, gate_up, w(s + "down_proj.weight"))
     return out
 
 
@@ -136,10 +131,10 @@ def engine_moe(h, w, p, shape, tp_rank, tp_size, experts_by):
     out = torch.zeros_like(h)
     for j in range(local):  # vLLM's FusedMoE runs these as one grouped kernel
         w13, w2 = w(f"{p}experts.w13_weight.{j}"), w(f"{p}experts.w2_weight.{j}")
-        out += combine[:, first + j, None] * _swiglu(h, w13, w2)
+        out += combine[:, first + j, None] * swiglu(h, w13, w2)
     if shape.intermediate:  # the shared expert: split by TP, as a dense MLP
-        out += _swiglu(h, w(p + "shared_expert.gate_up_proj.weight"),
-                       w(p + "shared_expert.down_proj.weight"))  # fmt: skip
+        out += swiglu(h, w(p + "shared_expert.gate_up_proj.weight"),
+                      w(p + "shared_expert.down_proj.weight"))  # fmt: skip
     return out
 
 
@@ -154,62 +149,17 @@ def forward(
     hits: list | None = None,
 ) -> torch.Tensor:
     """Logits of the last position after `tokens`, float32, by one engine rank holding
-    vllm_layout.py's shards (experts by TP or EP). Full HF weights at tp_size 1: the
-    single-process reference, whose MLP reads HF's per-expert tensors (hf_moe); `hits` then
-    collects each layer's [tokens, experts] routing mask."""
-    from weight_sync.vllm_layout import hf_to_vllm
+    vllm_layout.py's shards (experts by TP or EP): model.py's forward with this MLP. Full HF
+    weights at tp_size 1: the single-process reference, whose MLP reads HF's per-expert
+    tensors (hf_moe); `hits` then collects each layer's [tokens, experts] routing mask."""
+    reference = "model.layers.0.self_attn.q_proj.weight" in weights  # HF's tensors
 
-    hf = weights if "model.layers.0.self_attn.q_proj.weight" in weights else None
-    if hf is not None:
-        weights = hf_to_vllm(hf, shape, 0, 1)  # attention fused as the engine holds it
+    def mlp(h, w, p):  # w reads the engine's tensors (attention fused as the engine holds it)
+        if reference:
+            return hf_moe(h, lambda name: weights[name].float(), p, shape, hits)
+        return engine_moe(h, w, p, shape, tp_rank, tp_size, experts_by)
 
-    def reduce(x):
-        if tp_size > 1:
-            tp_group.all_reduce(x).wait()
-        return x
-
-    def w(name):
-        return (hf if hf is not None and ".mlp." in name else weights)[name].float()
-
-    def norm(x, name):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + shape.rms_norm_eps) * w(name)
-
-    tokens = torch.as_tensor(tokens, device=weights["model.norm.weight"].device)
-    n, hd = len(tokens), shape.hidden // shape.heads
-    heads, kv_heads = shape.heads // tp_size, max(1, shape.kv_heads // tp_size)
-    embed = w("model.embed_tokens.weight")  # vocab-parallel
-    local = tokens - tp_rank * embed.shape[0]
-    inside = ((local >= 0) & (local < embed.shape[0])).unsqueeze(1)
-    x = reduce(F.embedding(local.clamp(0, embed.shape[0] - 1), embed) * inside)
-    angles = torch.arange(n, device=x.device)[:, None].float() * rope_frequencies(shape, x.device)
-    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
-
-    def rope(t):
-        return t * cos + torch.cat([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
-
-    def heads_of(t, count):
-        return t.view(n, count, hd).transpose(0, 1)
-
-    for i in range(shape.layers):
-        p = f"model.layers.{i}."
-        h = norm(x, p + "input_layernorm.weight")
-        qkv = h @ w(p + "self_attn.qkv_proj.weight").T
-        q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=1)
-        q, k, v = rope(heads_of(q, heads)), rope(heads_of(k, kv_heads)), heads_of(v, kv_heads)
-        k, v = (t.repeat_interleave(heads // kv_heads, 0) for t in (k, v))
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
-        x = x + reduce(att.reshape(n, heads * hd) @ w(p + "self_attn.o_proj.weight").T)
-        h = norm(x, p + "post_attention_layernorm.weight")
-        if hf is not None:
-            x = x + hf_moe(h, w, p + "mlp.", shape, hits)
-        else:
-            x = x + reduce(engine_moe(h, w, p + "mlp.", shape, tp_rank, tp_size, experts_by))
-    logits = norm(x[-1:], "model.norm.weight") @ w("lm_head.weight").T
-    if tp_size > 1:
-        parts = [torch.empty_like(logits) for _ in range(tp_size)]
-        tp_group.all_gather(parts, logits).wait()
-        logits = torch.cat(parts, dim=1)
-    return logits[0]
+    return llama_forward(weights, shape, tokens, tp_rank, tp_size, tp_group, mlp=mlp)
 
 
 def experts_missed(hf: Weights, shape: MoeShape, tokens: Sequence[int]) -> list[str]:
