@@ -151,7 +151,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         default=env("COURSE_DEBUG") == "1",
-        help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout (collectives ~2-3x slower)",
+        help="TORCH_DISTRIBUTED_DEBUG=DETAIL and a 10 s timeout unless --timeout is given "
+        "(collectives ~2-3x slower)",
     )
     p.add_argument(
         "--stuck-after",
@@ -224,7 +225,8 @@ def setup(
     if args.debug:  # read at `import torch.distributed`, so set it here and for child processes
         os.environ["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
         dist.set_debug_level(dist.DebugLevel.DETAIL)
-    timeout = datetime.timedelta(seconds=10 if args.debug else args.timeout)
+    given = "COURSE_TIMEOUT" in os.environ or any(a.startswith("--timeout") for a in sys.argv)
+    timeout = datetime.timedelta(seconds=10 if args.debug and not given else args.timeout)
     watch.show_stack_on_fatal_signal()  # a C++ abort (gloo's, NCCL's) still shows the Python line
     dist.init_process_group(
         backend, timeout=timeout, device_id=device if backend == "nccl" else None

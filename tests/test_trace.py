@@ -140,9 +140,11 @@ def test_trace_works_on_every_lesson(path, tmp_path):
 
 def test_debug_and_trace_together_on_a_lesson_whose_p2p_uses_some_ranks(tmp_path):
     """Lesson 07 on 4 ranks: ranks 0 and 1 send and receive, 2 and 3 do not. --debug compares
-    every collective's sequence number; the trace's merge uses no collective, so both work."""
+    every collective's sequence number; the trace's merge uses no collective, so both work.
+    (--timeout 60: ranks 2-3 wait for 0-1 to spawn children, which under a test run's load can
+    take longer than --debug's own 10 s.)"""
     path = next(p for p in LESSONS if p.name.startswith("07_"))
-    result = run_ranks(path, 4, ["--debug", "--trace", tmp_path], timeout=240)
+    result = run_ranks(path, 4, ["--debug", "--timeout", 60, "--trace", tmp_path], timeout=240)
     assert result.returncode == 0, text(result)
     assert "[rank 0] trace: 4 ranks" in text(result)
 
