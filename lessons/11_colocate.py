@@ -217,11 +217,14 @@ def main():
             "ranks 2p, 2p+1 share GPU p"
         )
         print0(f"NCCL between them? {cl.nccl_refusal(ctx.device)}")
+        # Trainer and engine ranks work together here (in the notebook: one cell).
+        # --8<-- [start:pair]
         if rank % 2 == 0:  # model B in one flat float32 buffer: one allocation, one handle
             flat, weights = cl.flat_weights(shape, SEED_B, ctx.device)
             trainer_side(ctx, flat, weights, share_once(flat, gpu), gpu, rank + 1, shape, tp_size)
         ok = torch.tensor([int(rank % 2 == 0 or engine_side(ctx, gpu, rank - 1, shape, tp_size))])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every engine rank's verdict
+        # --8<-- [end:pair]
         if ok.item():
             print0("checked: every engine rank holds its fused bf16 shard of model B, bit for bit")
         if rank == 0:

@@ -25,6 +25,7 @@ names, on gloo, into docs/outputs/page_<name>.txt: the command, then its lines (
 troubles: for docs/troubleshooting.md, lesson 00 told to meet on a port that is already taken,
 told to use NCCL on a machine without enough GPUs, and given bad values (--timeout 0,
 COURSE_TIMEOUT=abc, COURSE_BACKEND=cuda, COURSE_DEBUG=yes).
+live: for docs/instructors.md, a notebook cell on live ranks (course/live.py) that hangs.
 gpu: lessons 00 (if it takes --trace), 02, 06 and 09 with --trace on 2 ranks, NCCL (or
 COURSE_BACKEND), each bounded by 30 s; into OUT, at most 7 files: nccl_<lesson>.png for each,
 nccl_02_trace.json, gpu_summary.txt (versions, exits, the event formats seen) and
@@ -489,6 +490,32 @@ def capture_gpu(out):
     print("\n".join(summary))
 
 
+LIVE_CELLS = [  # docs/instructors.md: a hanging cell on live ranks, as a notebook shows it
+    "from course import live\nranks = live.start('00_hello', nproc=4)",
+    "%%ranks\nimport torch, torch.distributed as dist\ndist.init_process_group('gloo')\n"
+    "x = torch.tensor([dist.get_rank() + 1.0])",
+    "%%ranks --timeout 3\nif dist.get_rank() != 1:  # rank 1 skips the collective\n"
+    "    dist.all_reduce(x)",
+    "ranks.stop()",
+]
+
+
+def capture_live():
+    """A notebook on live ranks (course/live.py) whose cell hangs: the cell and what it showed."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    cells = [nbformat.v4.new_code_cell(c) for c in LIVE_CELLS]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    hang = nb.cells[2]
+    said = "".join(o.get("text", "") for o in hang.outputs if o.output_type == "stream")
+    error = [f"{o.ename}: {o.evalue}" for o in hang.outputs if o.output_type == "error"]
+    text = [*(f">>> {line}" for line in hang.source.splitlines()), *tidy(said.splitlines()), *error]
+    (OUTPUTS / "live_hang.txt").write_text("\n".join(text) + "\n")
+    print("docs/outputs/live_hang.txt", flush=True)
+
+
 def main():
     parts = sys.argv[1:] or [
         "broken",
@@ -497,6 +524,7 @@ def main():
         "troubles",
         "raw",
         "pages",
+        "live",
     ]  # gpu: if asked
     if "broken" in parts:
         capture_broken()
@@ -508,6 +536,8 @@ def main():
         capture_troubles()
     if "raw" in parts:
         capture_raw()
+    if "live" in parts:
+        capture_live()
     if "pages" in parts:
         capture_pages([p for p in parts if p in PAGES] or None)
     if parts[0] == "gpu":
