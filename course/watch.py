@@ -173,7 +173,8 @@ class _Watch(threading.Thread):
     def run(self):
         with contextlib.suppress(Exception):  # the store can go first at the end of a run
             last, since = None, time.monotonic()
-            while not self.stopping.wait(EVERY_S):
+            keys = [f"where/{r}" for r in range(self.world_size)]
+            while not self.stopping.wait(EVERY_S):  # a first note a second in: past setup
                 frame = sys._current_frames().get(self.main)
                 here = where(frame) if frame is not None else (None, "?")
                 now = time.monotonic()
@@ -181,9 +182,13 @@ class _Watch(threading.Thread):
                     last, since = here, now
                 note = [*here, now - since, time.time()]
                 self.store.set(f"where/{self.rank}", json.dumps(note))
-                if here[0] and now - since >= self.stuck_after_s:
-                    if self.store.add("where/reported", 1) == 1:  # one report per run
-                        self.report(now - since)
+                waited = now - since
+                # Say it once every rank has noted where it is (one that started late is no
+                # longer in setup), or, if some never do, at twice the wait.
+                if here[0] and waited >= self.stuck_after_s:
+                    if self.store.check(keys) or waited >= 2 * self.stuck_after_s:
+                        if self.store.add("where/reported", 1) == 1:  # one report per run
+                            self.report(waited)
 
     def report(self, waited):
         """Where every rank is, as each last noted it (at most a second ago)."""
