@@ -31,7 +31,7 @@ from conftest import (
 )
 
 THIS = Path(__file__).resolve()
-ENGINE_TIMEOUT_S = 4  # the engine's waits: a dead trainer's update fails after this long
+ENGINE_TIMEOUT_S = 8  # the engine's waits (its start too): a dead trainer's update fails after this
 TIMEOUT_S = 20  # the trainer's and the client's
 WRONG = ROOT / "tests" / "wrong"
 
