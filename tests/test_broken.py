@@ -226,12 +226,12 @@ def test_a_rank_that_never_makes_the_new_group_call_is_named(tmp_path):
         "    if ctx.rank < 2:\n"
         "        dist.new_group([0, 1])\n"
     )
-    result = run_ranks(program, 4, ["--timeout", "3"], timeout=BOUND_S)
+    result = run_ranks(program, 4, ["--timeout", "10"], timeout=BOUND_S)  # all started by then
     out = text(result)
     assert result.returncode != 0 and not result.timed_out, out
     said = f"RuntimeError: new_group call 1 ([0, 1] at {program}:5): rank(s) 2, 3 made no call 1"
     # The first of ranks 0 and 1 to give up ends the run: the launcher may stop the other first.
-    assert any(f"[rank{rank}]: {said} within 3 s" in out for rank in (0, 1)), out
+    assert any(f"[rank{rank}]: {said} within 10 s" in out for rank in (0, 1)), out
 
 
 def test_torchruns_report_becomes_one_true_line():
