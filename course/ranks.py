@@ -108,15 +108,13 @@ def usage_error(message: str, every_rank: bool = True) -> NoReturn:
     finds it too, so wait (bounded) until all have said it, or torchrun stops the slower ones."""
     print_rank(f"error: {message}")
     if every_rank and "MASTER_PORT" in os.environ:
-        _all_ranks_reach("course/usage_error")
+        _all_ranks_reach("usage_error")
     raise SystemExit(2)
 
 
 def _all_ranks_reach(key, timeout_s=20.0):
     """A barrier on torchrun's own store, for use before (or instead of) init_process_group."""
-    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(address, port, is_master=False, timeout=timeout)  # torchrun hosts it
+    store = watch.run_store(timeout_s)
     store.add(key, 1)
     deadline = time.monotonic() + timeout_s
     while store.add(key, 0) < int(os.environ["WORLD_SIZE"]) and time.monotonic() < deadline:

@@ -36,6 +36,7 @@ TORCH = str(Path(dist.__file__).parent.parent)  # .../site-packages/torch
 COURSE = str(Path(__file__).parent)
 LIBRARY = (TORCH, COURSE, sys.prefix, sys.base_prefix)  # not the program's own lines
 EVERY_S = 1.0  # how often each rank notes where it is
+CONNECT_S = 60.0  # the least time a store client is given to connect
 
 
 @contextlib.contextmanager
@@ -43,8 +44,11 @@ def watching(timeout_s: float, stuck_after_s: float) -> Iterator[None]:
     """Check new_group calls and report hangs for the length of a `with` block (after init)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     original = dist.new_group
-    dist.new_group = _checked(original, run_store(timeout_s), rank, world_size, timeout_s)
-    watch = _Watch(run_store(timeout_s), rank, world_size, stuck_after_s)  # a client per thread
+    # Each connects when first needed, not here: a store client can take seconds to connect on a
+    # loaded machine (torch looks up the peer's host name), and setup need not wait for it.
+    store = functools.cache(lambda: run_store(timeout_s))
+    dist.new_group = _checked(original, store, rank, world_size, timeout_s)
+    watch = _Watch(functools.partial(run_store, timeout_s), rank, world_size, stuck_after_s)
     watch.start()
     try:
         yield
@@ -67,14 +71,17 @@ def unchecked_new_group() -> Iterator[None]:
 
 def run_store(timeout_s: float) -> dist.Store:
     """A client of the store torchrun (or rank 0) hosts, under this run's own prefix: every rank
-    can reach it, and using it touches no process group (whatever the program did to them)."""
+    can reach it, and using it touches no process group (whatever the program did to them).
+    timeout_s bounds its waits; connecting gets at least CONNECT_S, as it is no part of the
+    program (torch's connect looks up host names, which on a loaded machine once took 10 s)."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(address, port, is_master=False, timeout=timeout)
+    connect = datetime.timedelta(seconds=max(timeout_s, CONNECT_S))
+    store = dist.TCPStore(address, port, is_master=False, timeout=connect)
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
     return dist.PrefixStore(f"course/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
-def _checked(new_group, store, rank, world_size, timeout_s):
+def _checked(new_group, connect, rank, world_size, timeout_s):
     """dist.new_group, after every rank's k-th call has been compared with the others'."""
     calls = itertools.count(1)
 
@@ -84,6 +91,7 @@ def _checked(new_group, store, rank, world_size, timeout_s):
             return new_group(ranks, *args, **kwargs)
         k, caller = next(calls), sys._getframe(1)
         mine = sorted(ranks) if ranks is not None else list(range(world_size))
+        store = connect()
         store.set(f"new_group/{k}/{rank}", json.dumps([mine, _place(caller)]))
         keys = [f"new_group/{k}/{r}" for r in range(world_size)]
         rule = (
@@ -164,14 +172,15 @@ class _Watch(threading.Thread):
     """Every second: note where this rank's main thread is; once it has waited stuck_after_s in
     one torch.distributed call, the first rank to notice prints where every rank is."""
 
-    def __init__(self, store, rank, world_size, stuck_after_s):
+    def __init__(self, connect, rank, world_size, stuck_after_s):
         super().__init__(name="course-watch", daemon=True)
-        self.store, self.rank, self.world_size = store, rank, world_size
+        self.connect, self.store, self.rank, self.world_size = connect, None, rank, world_size
         self.stuck_after_s, self.main = stuck_after_s, threading.main_thread().ident
         self.stopping = threading.Event()
 
     def run(self):
         with contextlib.suppress(Exception):  # the store can go first at the end of a run
+            self.store = self.connect()  # its own client: none is shared between threads
             last, since = None, time.monotonic()
             keys = [f"where/{r}" for r in range(self.world_size)]
             while not self.stopping.wait(EVERY_S):  # a first note a second in: past setup
