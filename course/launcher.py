@@ -211,6 +211,11 @@ def _start_agent(target, nproc, argv, env, run, via, stream) -> _Agent:
     target = str(target)
     if target.endswith(".py"):
         target = os.path.abspath(target)
+    # LaunchConfig asks torch.cuda.is_available() (to bind ranks to NUMA nodes). The CUDA
+    # runtime's answer poisons every later fork of this process: each rank forked from it then
+    # fails at its first CUDA call ("Cannot re-initialize CUDA in forked subprocess"). NVML's
+    # answer, which torch documents for this case, does not.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
