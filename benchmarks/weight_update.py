@@ -322,6 +322,22 @@ def table(rows, backend, device_name):
             f" | {r['gbs']:.2f} | {r['efficiency']:.0%} | {r['of_sweep_best']:.0%} | "
             f"{verdict(backend, r)} |"
         )
+    phased = [r for r in rows if r.get("phases")]
+    if phased:
+        names = list(dict.fromkeys(n for r in phased for n in r["phases"]))
+        lines += [
+            "",
+            "Where the warm time goes (medians; the trainer's push overlaps the transfer, so the "
+            "phases add up to more than the whole):",
+            "",
+            "| model | path | " + " | ".join(names) + " |",
+            "|---|---|" + "---:|" * len(names),
+        ]
+        for r in phased:
+            ms = " | ".join(
+                f"{r['phases'][n] * 1e3:.2f} ms" if n in r["phases"] else "" for n in names
+            )
+            lines.append(f"| {r['model']} | {r['path']} | {ms} |")
     return "\n".join(lines)
 
 
