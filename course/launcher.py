@@ -92,19 +92,19 @@ def launch(
         return run_command(cmd, timeout, env)
     with tempfile.TemporaryDirectory(prefix="course-run-") as run:
         start, failed, timed_out = time.monotonic(), None, False
-        thread = _start_agent(target, nproc, [str(a) for a in args], env or {}, run, via, False)
+        thread = start_agent(target, nproc, [str(a) for a in args], env or {}, run, via, False)
         try:
             timed_out = not _wait(thread, start + timeout)
         except BaseException:  # an interrupted notebook cell, a test timeout: stop the ranks too
-            _stop(thread, run)
+            stop(thread, run)
             raise
         finally:
             if timed_out:
-                _stop(thread, run)
+                stop(thread, run)
             lost = _stop_lost_ranks(run)  # alive when the agent had given them up
-            leftovers = _kill_all(run)  # e.g. a child a rank started and never ended
+            leftovers = kill_all(run)  # e.g. a child a rank started and never ended
         failed = thread.failure
-        stuck = _where_stuck(run)
+        stuck = where_stuck(run)
         said = [_failure_line(failed, run, lost)] if failed and not timed_out else []
         lines = _rank_order(run, nproc) + said
     if stuck and timed_out:
@@ -127,16 +127,16 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     target = spec.name.removesuffix(".__main__") if spec else os.path.abspath(main.__file__)
     signal.signal(signal.SIGTERM, _interrupt)  # stopped from outside: stop the ranks as Ctrl-C
     with tempfile.TemporaryDirectory(prefix="course-run-") as run:
-        thread = _start_agent(target, nproc, argv, {}, run, "fork", True)
+        thread = start_agent(target, nproc, argv, {}, run, "fork", True)
         try:
             done = _wait(thread, float("inf"))  # a terminal run: Ctrl-C is its bound
         except KeyboardInterrupt:
             done = False
         finally:
             if not thread.finished.is_set():
-                _stop(thread, run)
-            leftovers = _kill_all(run)
-        stuck = _where_stuck(run) if not done or thread.failure or leftovers else []
+                stop(thread, run)
+            leftovers = kill_all(run)
+        stuck = where_stuck(run) if not done or thread.failure or leftovers else []
         if not done:
             stuck.insert(0, "stopped; where each rank was:")
         elif stuck:
@@ -202,7 +202,10 @@ def warm_up() -> None:
     forkserver.ensure_running()
 
 
-def _start_agent(target, nproc, argv, env, run, via, stream) -> _Agent:
+def start_agent(target, nproc, argv, env, run, via, stream) -> _Agent:
+    """Start torch's elastic agent in a thread, running `target` on `nproc` ranks forked `via`
+    "fork" or "forkserver"; `run` is the run's folder (its mark), `stream`: the ranks write to
+    this terminal rather than to a file each. Returns at once; course/live.py keeps it running."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -424,14 +427,14 @@ def _stop_lost_ranks(run: str) -> list[int]:
     return [p.pid for p in lost]
 
 
-def _stop(thread: _Agent, run: str) -> None:
+def stop(thread: _Agent, run: str) -> None:
     """SIGTERM to every rank (each then writes its stack, and the agent sees them fail), then
     wait for the agent; SIGKILL what is left if it takes longer than 15 s."""
     for pid in _rank_pids(run):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     if not thread.finished.wait(15):
-        _kill_all(run)
+        kill_all(run)
         thread.finished.wait(15)
 
 
@@ -454,8 +457,8 @@ def run_command(
             _stop_command(proc, run)
             raise
         finally:  # e.g. a child a rank started and never ended: it outlives torchrun
-            leftovers = _kill_all(run)
-        stuck = _where_stuck(run)  # ranks stopped by SIGTERM (ours, or torchrun's) left stacks
+            leftovers = kill_all(run)
+        stuck = where_stuck(run)  # ranks stopped by SIGTERM (ours, or torchrun's) left stacks
     if stuck and timed_out:
         stuck.insert(0, f"stopped after {timeout:.0f} s; where each rank was:")
     elif stuck:
@@ -491,7 +494,7 @@ def _stop_command(proc: Popen, run: str) -> str:
         return proc.communicate()[0]  # the output pipe closes once every holder of it is gone
 
 
-def _kill_all(run: str) -> int:
+def kill_all(run: str) -> int:
     """SIGKILL every process of the run still alive, until none is (one may start another as
     it goes); how many there were. The run's processes: those whose environment holds its mark
     (exec'd ones), and those in the process group of one of its ranks (forked ones)."""
@@ -571,7 +574,7 @@ def _torchrun_summary(report: str) -> str | None:
     return line
 
 
-def _where_stuck(folder: str) -> list[str]:
+def where_stuck(folder: str) -> list[str]:
     """One line per process of each rank (a rank's own children too) from its faulthandler dump:
     the call it was in, and the line of the program that made it. A process a rank forked has a
     file of its own (course.ranks._own_stack_file), shown as the rank's child."""

@@ -71,7 +71,7 @@ class Ranks:
         self.folder, self.read = tempfile.mkdtemp(prefix="course-live-"), [0] * self.nproc
         host, port = listener.address
         env = {"COURSE_LIVE": f"{host}:{port}:{key.hex()}:{os.getpid()}"}
-        self.agent = launcher._start_agent(
+        self.agent = launcher.start_agent(
             "course.live", self.nproc, [str(self.lesson)], env, self.folder, "forkserver", False
         )
         self.conns = {}  # rank -> its connection: each rank says its rank first
@@ -145,8 +145,8 @@ class Ranks:
         return "\n".join(lines)
 
     def _stop_showing_stacks(self, replies) -> list[str]:
-        launcher._stop(self.agent, self.folder)  # SIGTERM: each rank writes its stack, then ends
-        stuck = launcher._where_stuck(self.folder)
+        launcher.stop(self.agent, self.folder)  # SIGTERM: each rank writes its stack, then ends
+        stuck = launcher.where_stuck(self.folder)
         shown = [line for line in stuck if int(line.split("]")[0][6:]) not in replies]
         done = [f"[rank {r}] had finished the cell" for r in sorted(replies)]
         self.stop()
@@ -160,8 +160,8 @@ class Ranks:
             with contextlib.suppress(OSError):
                 conn.send(None)  # leave: what keep_open holds closes (the process group)
         if not self.agent.finished.wait(10):
-            launcher._stop(self.agent, self.folder)
-        launcher._kill_all(self.folder)
+            launcher.stop(self.agent, self.folder)
+        launcher.kill_all(self.folder)
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder, self.conns = None, {}
 
