@@ -212,9 +212,9 @@ def main():
         ctx = ctx._replace(device=cl.colocated_device(ctx.local_rank))  # GPU local_rank // 2
         gpu = cl.gpu_id(ctx.device, [r // 2 for r in range(ctx.world_size)])
         trainers, engines = (", ".join(map(str, range(i, ctx.world_size, 2))) for i in (0, 1))
+        say = "ranks {} train; ranks {} are" if tp_size > 1 else "rank {} trains; rank {} is"
         print0(
-            f"ranks {trainers} train; ranks {engines} are an engine of TP={tp_size}; "
-            "ranks 2p, 2p+1 share GPU p"
+            f"{say.format(trainers, engines)} an engine of TP={tp_size}; ranks 2p, 2p+1 share GPU p"
         )
         print0(f"NCCL between them? {cl.nccl_refusal(ctx.device)}")
         # Trainer and engine ranks work together here (in the notebook: one cell).
