@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error
+from weight_sync import regroup as rg
 from weight_sync import reshard as rs
 from weight_sync.megatron import from_hf
 from weight_sync.moe import PRESETS, forward, make_moe_weights
@@ -40,16 +41,16 @@ def flows(shape, world, how, plan, itemsize):
     full = {n: f for n, f, _ in rs.hf_specs(shape)}
     for ts in plan.values():
         for t in ts:
-            out["update"][t.src, t.dst] += rs._numel(t, full) * DTYPE.itemsize
+            out["update"][t.src, t.dst] += rs.transfer_numel(t, full) * DTYPE.itemsize
     for rank in range(world.trainers) if how != "none" else ():
         if how == "all_to_all":
-            for t in rs.regroup_plan(shape, world, rank).get(rank, []):
+            for t in rg.regroup_plan(shape, world, rank).get(rank, []):
                 if t.src != rank:
-                    out["regroup"][t.src, rank] += rs._numel(t, full) * itemsize
+                    out["regroup"][t.src, rank] += rs.transfer_numel(t, full) * itemsize
         else:
-            spans = [s for s in rs.trainer_spans(shape, world)[rank] if rs.is_expert(s)]
+            spans = [s for s in rs.trainer_spans(shape, world)[rank] if rg.is_expert(s)]
             mine = sum((s.stop - s.start) * full[s.hf_name][1 - s.dim] for s in spans)
-            for peer in rs.expert_group(world, rank, ep_only=True):
+            for peer in rg.expert_group(world, rank, ep_only=True):
                 if peer != rank:
                     out["regroup"][rank, peer] += mine * itemsize
     return out
@@ -103,16 +104,16 @@ def main():
                         f"ranks: torchrun --nproc-per-node {world.size} "
                         "benchmarks/experts.py")  # fmt: skip
         destinations, plans, skipped = rs.engine_spans(shape, world), {}, ""
-        for how in ("none", *rs.REGROUPS):
+        for how in ("none", *rg.REGROUPS):
             try:
-                sources = rs.sources(shape, world, None if how == "none" else how)
+                sources = rg.sources(shape, world, None if how == "none" else how)
             except rs.PlanError as err:
                 skipped = f"{how} not run: {err}"
                 continue
             plans[how] = (sources, rs.plan_transfers(sources, destinations))
             rs.check_plan(plans[how][1], destinations, shape)
         group, tp_rank = rs.engine_world(world, ctx.device)
-        groups = rs.expert_world(world)
+        groups = rg.expert_world(world)
         hf = make_moe_weights(shape, 1)
         engine = weights = None
         if world.is_trainer(ctx.rank):
@@ -134,7 +135,7 @@ def main():
             for _ in range(args.repeats + 1):
                 send, regrouped = weights, rs.Moved(0.0, 0, 0, 0)
                 if weights is not None and how != "none":
-                    send, regrouped = rs.regroup(how, shape, world, ctx.rank, weights, groups,
+                    send, regrouped = rg.regroup(how, shape, world, ctx.rank, weights, groups,
                                                  ctx.device)  # fmt: skip
                 result = rs.update("direct", plan, world, ctx.rank, shape, send, DTYPE, ctx.device,
                                    engine, spans=sources.get(ctx.rank))  # fmt: skip

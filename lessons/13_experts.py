@@ -42,13 +42,15 @@ What you should see (4 ranks, no GPU: trainer TP1 x DP2 with EP2 + engine TP2; t
     [rank 0] wrong expert order: committed, version 4, every checksum and coverage passed
     [rank 0] checked: ...yet its logits are 0.0273 away from one process's (allowed: 0.0001): caught
     [rank 0] Next: exercise 13.1. Check it: python -m lessons.check 13
-The regroup and the planner are weight_sync/reshard.py; the model weight_sync/moe.py.
+The regroup is weight_sync/regroup.py, the planner weight_sync/reshard.py, the model
+weight_sync/moe.py.
 """
 
 import torch
 import torch.distributed as dist
 
 from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error
+from weight_sync import regroup as rg
 from weight_sync import reshard as rs
 from weight_sync.megatron import from_hf
 from weight_sync.moe import PRESETS, experts_missed, forward, make_moe_weights
@@ -80,7 +82,7 @@ def wrong_order(spans, ep):
     some frameworks do) instead of b*N/ep + k. Same shapes, same bytes; the experts swapped."""
     local, out = SHAPE.experts // ep, []
     for s in spans:
-        if rs.is_expert(s) and "local_experts." in s.name:
+        if rg.is_expert(s) and "local_experts." in s.name:
             parts = s.hf_name.split(".")
             e = int(parts[5])
             parts[5] = str(e % local * ep + e // local)
@@ -136,12 +138,12 @@ def main():
     args = p.parse_args()
     with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         world = parse_world(args, ctx.world_size)
-        regroups = ["none", *rs.REGROUPS]
+        regroups = ["none", *rg.REGROUPS]
         try:  # pure, on every rank alike: a layout that cannot map is refused by all, at once
             destinations, plans = rs.engine_spans(SHAPE, world), {}
             for how in list(regroups):
                 try:
-                    sources = rs.sources(SHAPE, world, None if how == "none" else how)
+                    sources = rg.sources(SHAPE, world, None if how == "none" else how)
                 except rs.PlanError as err:  # all_to_all's rule: say why, run the others
                     if "all_to_all regroup needs" not in str(err):
                         raise
@@ -164,7 +166,7 @@ def main():
             print0(f"  engine {r} holds           {labels(destinations[r])}")
         for how in regroups[1:]:
             to = (
-                f"  -> engine {world.trainers + rs.serves(world, 0)}" if how == "all_to_all" else ""
+                f"  -> engine {world.trainers + rg.serves(world, 0)}" if how == "all_to_all" else ""
             )
             print0(f"  {how}: trainer 0    {labels(plans[how][0][0])}{to}")
         print0("checked: every element of every engine tensor is written exactly once, each plan")
@@ -174,7 +176,7 @@ def main():
 
 def run(ctx, world, plans, regroups):
     group, tp_rank = rs.engine_world(world, ctx.device)
-    groups = rs.expert_world(world)
+    groups = rg.expert_world(world)
     hf = {seed: make_moe_weights(SHAPE, seed) for seed in (SEED_A, SEED_B)}
     engine, mine = None, {}
     if world.is_trainer(ctx.rank):  # both models as this trainer rank holds them, float32
@@ -190,7 +192,7 @@ def run(ctx, world, plans, regroups):
         sources, plan = plans[how]
         weights, regrouped = mine.get(seed), rs.Moved(0.0, 0, 0, 0)
         if weights is not None and how != "none":
-            weights, regrouped = rs.regroup(how, SHAPE, world, ctx.rank, weights, groups,
+            weights, regrouped = rg.regroup(how, SHAPE, world, ctx.rank, weights, groups,
                                             ctx.device)  # fmt: skip
         result = update(plan, world, ctx, weights, engine, sources)
         assert result.ok, result.why

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from course.check import lesson_module
+from weight_sync import regroup as rg
 from weight_sync import reshard as rs
 from weight_sync.megatron import from_hf, to_hf
 from weight_sync.moe import (
@@ -91,12 +92,12 @@ def carried_out(world, sources, plan):
     return engine
 
 
-@pytest.mark.parametrize("how", ["none", *rs.REGROUPS])
+@pytest.mark.parametrize("how", ["none", *rg.REGROUPS])
 @pytest.mark.parametrize("trainer, engine", PAIRS)
 def test_plan_fills_every_engine_rank_exactly_as_hf_to_vllm(trainer, engine, how):
     world = world_of(trainer, engine)
     try:
-        sources = rs.sources(SHAPE, world, None if how == "none" else how)
+        sources = rg.sources(SHAPE, world, None if how == "none" else how)
     except rs.PlanError as err:  # the one rule all_to_all has
         assert how == "all_to_all" and world.expert_tp * world.ep != world.engine_tp, err
         assert "to equal the engine's TP" in str(err)
@@ -123,14 +124,14 @@ def test_all_to_all_regroup_plan_delivers_what_each_rank_forwards(trainer, engin
     world = world_of(trainer, engine)
     held = rs.trainer_spans(SHAPE, world)
     for rank in range(world.trainers):
-        plan, group = rs.regroup_plan(SHAPE, world, rank), rs.expert_group(world, rank)
-        want = {r: from_hf(rs.regrouped_spans(SHAPE, world, "all_to_all", r), SHAPE, HF)
+        plan, group = rg.regroup_plan(SHAPE, world, rank), rg.expert_group(world, rank)
+        want = {r: from_hf(rg.regrouped_spans(SHAPE, world, "all_to_all", r), SHAPE, HF)
                 for r in group}  # fmt: skip
         got = {r: {n: torch.full_like(w, float("nan")) for n, w in want[r].items()} for r in group}
         rs.apply_plan(plan, {r: from_hf(held[r], SHAPE, HF) for r in group}, got)
         assert all(torch.equal(got[r][n], want[r][n]) for r in group for n in want[r])
         if world.experts_by == "tp":  # the exchange stays inside each EP group
-            ep_group = rs.expert_group(world, rank, ep_only=True)
+            ep_group = rg.expert_group(world, rank, ep_only=True)
             assert all(t.src in ep_group for t in plan[rank])
 
 
@@ -145,7 +146,7 @@ def test_all_to_all_regroup_plan_delivers_what_each_rank_forwards(trainer, engin
          "EP 3 must divide the 8 experts"),
         (lambda: rs.trainer_spans(SHAPE, rs.World(2, 1, 1, 1, ep=2)),
          r"expert TP x EP \(2 x 2\) must divide TP x DP \(2 x 1\)"),
-        (lambda: rs.sources(SHAPE, rs.World(1, 1, 2, 4, ep=2, etp=1), "all_to_all"),
+        (lambda: rg.sources(SHAPE, rs.World(1, 1, 2, 4, ep=2, etp=1), "all_to_all"),
          r"expert TP x EP \(1 x 2 = 2\) to equal the engine's TP \(4\)"),
     ],
 )  # fmt: skip

@@ -43,6 +43,8 @@ Modules (each one job; communication primitives apart from the code that uses th
     moe.py        lesson 13: a mixture-of-experts variant of the model (router, routed experts,
                   an optional shared expert; HF's names), its specs, weights and a single-process
                   forward (top-k routing, ties broken by expert number)
+    regroup.py    lesson 13: the trainer's routed experts regrouped among its ranks before the
+                  update (all_to_all or all_gather over its expert groups), planned by reshard.py
     serve.py      lesson 12: LiveEngine, an Engine that serves generation while it is updated (a
                   continuous batch, greedy decoding with a KV cache per request, every token
                   tagged with its weight version; the commit between two steps under a
