@@ -34,7 +34,7 @@ import torch
 
 import weight_sync as ws
 from course.ranks import AT_LEAST_2, parser, print0, setup
-from weight_sync import serve
+from weight_sync import serve, traffic
 
 SEEDS = (2, 3)  # the trainer's models, pushed in turn; the engine starts with seed 1
 
@@ -81,7 +81,7 @@ def phases(load, windows):
 def run_config(client, updater, models, policy, waiting, args):
     client.call("configure_serving", policy=policy, waiting=waiting)
     client.call("serving_stats", clear=True)
-    load = serve.Load(client.address, args.timeout, args.every_ms / 1e3, args.max_new, 8, 32000)
+    load = traffic.Load(client.address, args.timeout, args.every_ms / 1e3, args.max_new, 8, 32000)
     load.start()
     windows, answers, totals = [], [], []
     for k in range(args.updates):
@@ -204,7 +204,7 @@ def main():
                 quiet=True,
             )
             return
-        client = serve.LiveClient(ws.engine_client(args.timeout).address, args.timeout)
+        client = traffic.LiveClient(ws.engine_client(args.timeout).address, args.timeout)
         try:
             run(client, ctx, args, backend, engine_device, trainer_device)
         finally:
@@ -260,7 +260,7 @@ def run(client, ctx, args, backend, engine_device, trainer_device):
     )
     picture = out / "12_live_engine_timeline.png"
     title = f"requests around an update ({args.preset}, TP={client.tp_size}, {name})"
-    serve.plot_timeline(runs, picture, title, window=(-1e3 * args.gap_s, 1.5e3 * args.gap_s))
+    traffic.plot_timeline(runs, picture, title, window=(-1e3 * args.gap_s, 1.5e3 * args.gap_s))
     print0(f"wrote {stem}.md, .json and {picture}")
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import weight_sync as ws
 from course.check import lesson_module
-from weight_sync import serve
+from weight_sync import serve, traffic
 
 lesson = lesson_module("12")
 STEPPERS, STEP_S, COMMITS, EVERY_S = 3, 0.002, 5, 0.01  # the threads' load
@@ -136,14 +136,14 @@ def serve_with(ctx, moves):
         )
         return {}, {}
     shape = ws.PRESETS[lesson.PRESET]
-    client = serve.LiveClient(ws.engine_client(20).address, 20)
+    client = traffic.LiveClient(ws.engine_client(20).address, 20)
     try:
         group = ws.create_update_group(client, "live", "gloo", "cpu", warmup=True, timeout_s=20)
         models = {0: ws.make_weights(shape, 1, "cpu")}
         updater = ws.FastUpdater(client, group, models[0], serve.push_update, bucket_bytes=1 << 16)
         updater.prepare()
         load, _ = lesson.serve_while_updating(client, updater, models, "keep", "event", 20)
-        wrong = serve.check_responses(load, models, shape, "keep")
+        wrong = traffic.check_responses(load, models, shape, "keep")
         wrong = {f"replies: {k}": v[:2] for k, v in wrong.items()}
         wrong["replies: versions changed mid-request"] = any(
             len(set(reply["versions"])) > 1 for _, reply, _, _ in load.done

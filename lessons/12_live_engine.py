@@ -40,7 +40,8 @@ What you should see (4 ranks, no GPU; timings are yours)
     [rank 0] saved out/12_timeline.png
     [rank 0] Next: exercise 12.1 writes the read-write lock. Check it: python -m lessons.check 12
 The engine (continuous batching, KV caches, the policies, PollingLock and the step stream that
-keeps TP ranks in step) is weight_sync/serve.py; the trainer's push is lesson 09's fast path.
+keeps TP ranks in step) is weight_sync/serve.py, the client weight_sync/traffic.py; the
+trainer's push is lesson 09's fast path.
 """
 
 import statistics
@@ -49,7 +50,7 @@ from pathlib import Path
 
 import weight_sync as ws
 from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error
-from weight_sync import serve
+from weight_sync import serve, traffic
 
 PRESET = "tiny"  # the model of lesson 09: 21 HF tensors, 12 heads, 6 KV heads
 NEEDS = AT_LEAST_2  # rank 0 trains and sends requests, every other rank is one TP rank
@@ -98,7 +99,7 @@ def serve_while_updating(client, updater, models, policy, waiting, timeout_s):
     after the last step). models: {version: weights},
     extended with each update."""
     client.call("configure_serving", policy=policy, waiting=waiting)
-    load = serve.Load(client.address, timeout_s, EVERY_S, MAX_NEW)
+    load = traffic.Load(client.address, timeout_s, EVERY_S, MAX_NEW)
     load.start()
     updates = []
     for _ in range(UPDATES):
@@ -128,7 +129,7 @@ def trainer(ctx, client, tp_size, timeout_s, out):
     problems, shown, runs = [], None, {}
     for policy, waiting in RUNS:
         load, updates = serve_while_updating(client, updater, models, policy, waiting, timeout_s)
-        wrong = serve.check_responses(load, models, shape, policy)
+        wrong = traffic.check_responses(load, models, shape, policy)
         problems += [f"{policy}/{waiting}: {w}" for lines in wrong.values() for w in lines]
         latency = statistics.median(end - sent for _, _, sent, end in load.done) * 1e3
         print0(
@@ -153,7 +154,7 @@ def trainer(ctx, client, tp_size, timeout_s, out):
     )
     print0("checked: every request answered once (an aborted one is sent again), none served twice")
     wanted = client.version + 1  # a request that only the next version may serve
-    load = serve.Load(client.address, timeout_s, 1.0, MAX_NEW)
+    load = traffic.Load(client.address, timeout_s, 1.0, MAX_NEW)
     load.send(load.prompt(0), min_version=wanted)
     time.sleep(GAP_S)
     updater.update()
@@ -163,7 +164,7 @@ def trainer(ctx, client, tp_size, timeout_s, out):
     print0(f"checked: a request asking for version >= {wanted} was served by {versions[0]}")
     Path(out).mkdir(parents=True, exist_ok=True)
     title = f"requests around an update (tiny, TP={tp_size}, a request every 20 ms)"
-    serve.plot_timeline(runs, Path(out) / "12_timeline.png", title)
+    traffic.plot_timeline(runs, Path(out) / "12_timeline.png", title)
     print0(f"saved {out}/12_timeline.png")
     print0("Next: exercise 12.1 writes the read-write lock. Check it: python -m lessons.check 12")
 
@@ -184,7 +185,7 @@ def main():
             f"rank 0 trains and sends a request every {EVERY_S * 1e3:g} ms (4-token prompt, "
             f"{MAX_NEW} new tokens); ranks 1..{tp_size} serve them: an engine of TP={tp_size}"
         )
-        client = serve.LiveClient(ws.engine_client(args.timeout).address, args.timeout)
+        client = traffic.LiveClient(ws.engine_client(args.timeout).address, args.timeout)
         try:
             trainer(ctx, client, tp_size, args.timeout, args.out)
         finally:

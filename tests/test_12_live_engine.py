@@ -144,9 +144,9 @@ def test_trainer_killed_mid_update_engine_keeps_serving(engine, policies):
 # ---------------------------------------------------------------------------------------------
 # scenario side: one process, the trainer and the client
 def connect(port_file):
-    from weight_sync import serve
+    from weight_sync import traffic
 
-    return serve.LiveClient(engine_address(port_file), TIMEOUT_S)
+    return traffic.LiveClient(engine_address(port_file), TIMEOUT_S)
 
 
 def updater_for(client, name, weights, bucket_bytes=1 << 16):
@@ -167,7 +167,7 @@ def verdict(wrong):
 def run_policies(port_file):
     import weight_sync as ws
     from course.check import lesson_module
-    from weight_sync import serve
+    from weight_sync import serve, traffic
 
     lesson = lesson_module("12")
     shape, client = ws.PRESETS[lesson.PRESET], connect(port_file)
@@ -179,7 +179,7 @@ def run_policies(port_file):
         ("keep", "polling"),
     ]:
         load, _ = lesson.serve_while_updating(client, updater, models, policy, waiting, TIMEOUT_S)
-        wrong = serve.check_responses(load, models, shape, policy)
+        wrong = traffic.check_responses(load, models, shape, policy)
         twice = client.call("serving_stats", clear=True)[0]["twice"]
         wrong["twice"] = [f"engine served {twice} twice"] if twice else []
         report(f"{policy}/{waiting}", verdict(wrong) + f" ({len(load.done)} replies)")
@@ -189,7 +189,7 @@ def run_policies(port_file):
     report("abort retried", f"ok, {aborted}" if aborted else "FAILED: nothing was aborted")
     report("keep switched mid-request", f"ok, {mixed}" if mixed else "FAILED: no switch seen")
     wanted = client.version + 1
-    load = serve.Load(client.address, TIMEOUT_S, 1.0, lesson.MAX_NEW)
+    load = traffic.Load(client.address, TIMEOUT_S, 1.0, lesson.MAX_NEW)
     load.send(load.prompt(0), min_version=wanted)
     time.sleep(0.2)
     early = load.done[:]  # nothing may be served before the version exists
@@ -204,7 +204,7 @@ def run_policies(port_file):
 def run_dies(port_file):
     import weight_sync as ws
     from course.check import lesson_module
-    from weight_sync import serve
+    from weight_sync import traffic
 
     lesson = lesson_module("12")
     shape, client = ws.PRESETS[lesson.PRESET], connect(port_file)
@@ -214,7 +214,7 @@ def run_dies(port_file):
     models = {version: model_b}
     client.call("configure_serving", policy="drain", waiting="event")
     client.call("serving_stats", clear=True)
-    load = serve.Load(client.address, TIMEOUT_S, 0.02, lesson.MAX_NEW)
+    load = traffic.Load(client.address, TIMEOUT_S, 0.02, lesson.MAX_NEW)
     load.start()
     time.sleep(0.2)
     child = subprocess.run(
@@ -224,7 +224,7 @@ def run_dies(port_file):
     report("killed", "ok" if killed else f"FAILED: {child.returncode} {child.stdout[-300:]}")
     time.sleep(ENGINE_TIMEOUT_S + 1)  # the engine's receive gives up meanwhile
     load.finish()
-    wrong = serve.check_responses(load, models, shape, "drain")
+    wrong = traffic.check_responses(load, models, shape, "drain")
     served = {v for _, r, _, _ in load.done for v in r["versions"]}
     wrong["old version"] = [] if served == {version} else [f"versions {served}"]
     report("replies meanwhile", verdict(wrong) + f" ({len(load.done)} replies, v{version})")

@@ -48,8 +48,9 @@ Modules (each one job; communication primitives apart from the code that uses th
     serve.py      lesson 12: LiveEngine, an Engine that serves generation while it is updated (a
                   continuous batch, greedy decoding with a KV cache per request, every token
                   tagged with its weight version; the commit between two steps under a
-                  read-write lock or the seed's polling; policies drain, abort, keep), and
-                  LiveClient, Load (a client at a set rate) and the checks of the replies
+                  read-write lock or the seed's polling; policies drain, abort, keep)
+    traffic.py    lesson 12's client side: LiveClient, Load (a client at a set rate), the checks
+                  of the replies against one process's decode, the timeline picture
     __main__.py   an engine on its own
 
 An engine on its own, as tests run it (to kill a trainer mid-transfer and keep the engine),
