@@ -36,9 +36,11 @@ What you should see (4 ranks, no GPU; pids and timings are yours)
 Rank setup comes from course/ranks.py (lesson 00 writes it out); starting children is this lesson.
 """
 
+import contextlib
 import importlib
 import multiprocessing
 import os
+import random
 import socket
 import threading
 import time
@@ -65,9 +67,10 @@ TORCHRUN_VARS = """RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK GROUP_
 
 
 def free_port():
-    """A port nobody listens on now: the OS picks it (port 0). Never a fixed number."""
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
+    """Never a fixed number; below Linux's ephemeral ports (32768 up): no connection takes it."""
+    for port in random.sample(range(20000, 32768), 1000):
+        with contextlib.suppress(OSError), socket.create_server(("127.0.0.1", port)):
+            return port
 
 
 def importable(fn):  # fn as a spawned child can import it (this file is __main__ under torchrun)
@@ -165,8 +168,7 @@ def fork_vs_spawn():
 
 
 # --8<-- [start:gil]
-def spin(n):
-    """Pure Python: holds the GIL the whole time."""
+def spin(n):  # pure Python: holds the GIL the whole time
     return sum(i * i for i in range(n))
 
 

@@ -78,6 +78,11 @@ def mismatched_keys(lines):
     }
 
 
+# A rank killed by an abort in torch's C++ (seen: std::bad_alloc in RPC's confirmPendingUser,
+# under a loaded CI machine), not by the answer or the check.
+TORCH_ABORT = "terminate called after throwing an instance of"
+
+
 def said(lines):
     """The report as one text, without rank prefixes: a verdict's words, wrapped or not."""
     return " ".join(re.sub(r"^\[ranks? [\d, ]+\]", "", line).strip() for line in lines)
@@ -88,6 +93,9 @@ def test_check_says_why_an_answer_that_skips_the_point_fails(name):
     exercises = exercises_in(WRONG / name)
     status, lines = run_check(exercises, WRONG / name, 4)
     out = "\n".join(lines)
+    if TORCH_ABORT in out:  # once in ~10 CI runs, 08's RPC aborts inside torch: says nothing of
+        status, lines = run_check(exercises, WRONG / name, 4)  # the check; run it once more
+        out = "\n".join(lines)
     assert status == {e: "mismatch" for e in exercises}, out
     assert mismatched_keys(lines) == set(SKIPS[name]), out  # the numbers are right: only why
     for key, words in SKIPS[name].items():
