@@ -44,8 +44,8 @@ def watching(timeout_s: float, stuck_after_s: float) -> Iterator[None]:
     """Check new_group calls and report hangs for the length of a `with` block (after init)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     original = dist.new_group
-    # Each connects when first needed, not here: a store client can take seconds to connect on a
-    # loaded machine (torch looks up the peer's host name), and setup need not wait for it.
+    # Each connects when first needed, not here: on a loaded CI machine a store client's connect
+    # once took more than 10 s, and setup need not wait for it.
     store = functools.cache(lambda: run_store(timeout_s))
     dist.new_group = _checked(original, store, rank, world_size, timeout_s)
     watch = _Watch(functools.partial(run_store, timeout_s), rank, world_size, stuck_after_s)
@@ -73,7 +73,7 @@ def run_store(timeout_s: float) -> dist.Store:
     """A client of the store torchrun (or rank 0) hosts, under this run's own prefix: every rank
     can reach it, and using it touches no process group (whatever the program did to them).
     timeout_s bounds its waits; connecting gets at least CONNECT_S, as it is no part of the
-    program (torch's connect looks up host names, which on a loaded machine once took 10 s)."""
+    program (on a loaded CI machine a connect once outlasted --debug's 10 s)."""
     address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     connect = datetime.timedelta(seconds=max(timeout_s, CONNECT_S))
     store = dist.TCPStore(address, port, is_master=False, timeout=connect)
