@@ -137,7 +137,8 @@ def trainer_runs(ctx, pair, preset, args):
         assert op == cl.ACK, f"{label}: the engine's live weights differ in {bad}"
 
     def row(path, seconds, held, note=""):
-        rows.append(dict(model=preset, path=path, ms=seconds * 1e3, held_mb=held / 1e6, note=note))
+        ms, mb = seconds * 1e3, held / 1e6
+        rows.append(dict(model=preset, path=path, ms=ms, held_mb=mb, note=note, nbytes=nbytes))
 
     src, dst = flat, torch.empty_like(flat)
     row("floor: one flat copy of the engine's bytes", run(lambda: dst.copy_(src)), 0)
@@ -192,8 +193,7 @@ def report(rows, device, args):
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        nbytes = PRESETS_BYTES[r["model"]]
-        r["gbps"] = nbytes / (r["ms"] / 1e3) / 1e9
+        r["gbps"] = r["nbytes"] / (r["ms"] / 1e3) / 1e9
         r["x_floor"] = r["ms"] / floor[r["model"]]
         lines.append(
             f"| {r['model']} | {r['path']} | {r['ms']:.2f} | {r['gbps']:.0f} | {r['x_floor']:.2f} "
@@ -217,9 +217,6 @@ def report(rows, device, args):
     (out / f"{name}.md").write_text(text + "\n")
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     print0(f"wrote {out / name}.md and .json")
-
-
-PRESETS_BYTES = {}
 
 
 def main():
@@ -248,14 +245,12 @@ def main():
         rows = []
         for preset in presets:
             shape = PRESETS[preset]
-            layout = cl.EngineLayout(shape, cl.vllm_spans(shape, 0, 1), torch.bfloat16, CHUNK_BYTES)
-            PRESETS_BYTES[preset] = layout.size
             if ctx.rank == 0:
                 pair = cl.Pair(1, listen=False)
                 rows += trainer_runs(ctx, pair, preset, args)
             else:
                 engine = cl.Engine(shape, 0, 1, torch.bfloat16, ctx.device, 1, CHUNK_BYTES)
-                if ctx.device.type == "cuda":  # model A was made in float32: give that back
+                if ctx.device.type == "cuda":  # the float32 tensors it was loaded from: give back
                     torch.cuda.empty_cache()
                 cl.serve(
                     engine,

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 from torch.multiprocessing.reductions import reduce_tensor
 
-from weight_sync.model import LlamaShape, Weights, llama_specs, make_weights
+from weight_sync.model import LlamaShape, Weights, llama_specs, make_weights, one_weight
 from weight_sync.vllm_layout import Span, vllm_spans  # the engine's layout: one copy
 
 
@@ -125,12 +125,21 @@ def lay_out(spans: list[Span], weights: Weights, views: Weights) -> None:
         )
 
 
+def load(spans: list[Span], shape: LlamaShape, seed: int, device, views: Weights) -> None:
+    """Fill the engine's tensors `views` with model `seed`, one HF tensor at a time: the model is
+    never whole in float32 (an 8B one would be 32 GB beside the engine's two bf16 copies)."""
+    for name, _, _ in llama_specs(shape):
+        mine = [s for s in spans if s.hf_name == name]
+        if mine:
+            lay_out(mine, {name: one_weight(shape, name, seed, device)}, views)
+
+
 def reference(shape, seed, tp_rank, tp_size, dtype, chunk_bytes, device="cpu") -> Buffers:
     """What engine rank tp_rank holds after loading model `seed`, made in one process (on a
     device of the trainer's type: CPU and CUDA draw different numbers from one seed)."""
     layout = EngineLayout(shape, vllm_spans(shape, tp_rank, tp_size), dtype, chunk_bytes)
     out = Buffers.allocate(layout, device)
-    lay_out(layout.spans, make_weights(shape, seed, device), out.views)
+    load(layout.spans, shape, seed, device, out.views)
     return out
 
 
@@ -248,7 +257,7 @@ class Engine:
         self.layout.owner = self.layout.owner.to(device)
         self.live = Buffers.allocate(self.layout, device)
         self.staging = Buffers.allocate(self.layout, device)
-        lay_out(self.spans, make_weights(shape, seed, device), self.live.views)
+        load(self.spans, shape, seed, device, self.live.views)
         self.trainer: Weights | None = None  # the trainer's tensors, opened once (design c)
         self.trainer_flat: torch.Tensor | None = None  # the buffer they are views of
         self.bucket: Weights | None = None  # verl's shared bucket, opened once (design b)
