@@ -43,19 +43,21 @@ from distill_demo.comms import (
     make_groups,
     parse_ratio,
 )
-from distill_demo.knowledge import MODES, bytes_per_token
+from distill_demo.knowledge import bytes_per_token
 from distill_demo.models import SIZES
 from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_timelines
 from distill_demo.train import (
-    RECIPES,
     Batches,
     Config,
     Result,
     Session,
+    add_training_flags,
     new_student,
     prepare_teacher,
     teacher_session,
     train_student,
+    training_defaults,
+    training_flag_errors,
 )
 
 TIMELINE_STEPS = 3  # the last steps of a run go on the timeline
@@ -63,48 +65,20 @@ TIMELINE_STEPS = 3  # the last steps of a run go on the timeline
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser(__doc__)
+    p.prog = "python -m distill_demo"  # not __main__.py
     p.add_argument("--ratio", default="1:1", help="teachers:students, e.g. 1:1, 1:3, 3:1 (1:1)")
-    p.add_argument(
-        "--transfer",
-        choices=MODES,
-        default="full",
-        help="what the teachers send: full probabilities, top-k logits, or hidden states (full)",
-    )
-    p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
+    add_training_flags(p, "the teacher")
     p.add_argument(
         "--overlap",
         choices=["on", "off"],
         default="on",
         help="student computes while its teachers do, and asks for the next step early (on)",
     )
-    p.add_argument("--steps", type=int, default=60, help="training steps (60)")
-    p.add_argument(
-        "--teacher-steps",
-        type=int,
-        default=None,
-        help="steps the teacher trains on the data first (60, 200 with --size "
-        "large; 0 with --bench)",
-    )
-    p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
-    p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
-    p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="the students' AdamW step size (0.01; small 0.003, large 0.0003)",
-    )
     p.add_argument("--bench", action="store_true", help="time every mode, overlap on and off")
     p.add_argument("--warmup", type=int, default=3, help="--bench: untimed steps first (3)")
     p.add_argument("--repeats", type=int, default=10, help="--bench: timed steps, median (10)")
     p.add_argument("--save", help="write the trained student's weights to this file (rank 0)")
-    args = p.parse_args(argv)
-    if args.teacher_steps is None:
-        args.teacher_steps = 0 if args.bench else RECIPES[args.size].teacher_steps
-    if args.lr is None:
-        args.lr = RECIPES[args.size].student_lr
-    return args
+    return training_defaults(p.parse_args(argv))
 
 
 def validate(args: argparse.Namespace, world_size: int) -> Layout:
@@ -114,19 +88,7 @@ def validate(args: argparse.Namespace, world_size: int) -> Layout:
     except ValueError as err:
         usage_error(str(err))
     per_student = len(layout.units[0].teachers)
-    for bad, message in [
-        (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
-        (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
-        (
-            not 1 <= args.topk <= args.vocab,
-            f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
-            f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}",
-        ),
-        (
-            args.batch < per_student,
-            f"--batch {args.batch}: each student splits its batch's rows over its {per_student} "
-            f"teachers (--ratio {args.ratio}), so it needs at least {per_student} rows",
-        ),
+    for bad, message in training_flag_errors(args, per_student) + [
         (
             args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.teacher_steps < 0,
             "--steps and --repeats must be at least 1, --warmup and --teacher-steps at least 0",

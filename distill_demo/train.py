@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from course.ranks import print_rank
 from distill_demo.comms import Channel, Groups, Layout, PeerLost, average_, broadcast_, unit_of
 from distill_demo.data import MarkovData
-from distill_demo.knowledge import student_loss, teacher_message
-from distill_demo.models import TinyTransformer, make_student, make_teacher
+from distill_demo.knowledge import MODES, student_loss, teacher_message
+from distill_demo.models import SIZES, TinyTransformer, make_student, make_teacher
 from distill_demo.report import Timeline
 
 PRETRAIN_SHARD = 1_000_000  # the teacher's own data: never a student's shard
@@ -50,6 +50,63 @@ RECIPES = {
     "large": Recipe(3e-4, 10, 200, 3e-4),
 }
 # --8<-- [end:recipes]
+
+
+def add_training_flags(p: argparse.ArgumentParser, pretrains: str) -> None:
+    """The flags distill_demo and rpc_demo share: what the teachers send, the models, the data.
+    pretrains: which teacher trains first ("the teacher", "the first teacher")."""
+    p.add_argument(
+        "--transfer",
+        choices=MODES,
+        default="full",
+        help="what the teachers send: full probabilities, top-k logits, or hidden states (full)",
+    )
+    p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
+    p.add_argument("--steps", type=int, default=60, help="training steps (60)")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        default=None,
+        help=f"steps {pretrains} trains on the data first (60, 200 with --size large; 0 with "
+        "--bench)",
+    )
+    p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
+    p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
+    p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="the students' AdamW step size (0.01; small 0.003, large 0.0003)",
+    )
+
+
+def training_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on other flags: the size's recipe, and no pretraining to time."""
+    if args.teacher_steps is None:
+        args.teacher_steps = 0 if args.bench else RECIPES[args.size].teacher_steps
+    if args.lr is None:
+        args.lr = RECIPES[args.size].student_lr
+    return args
+
+
+def training_flag_errors(args: argparse.Namespace, per_student: int) -> list[tuple[bool, str]]:
+    """(wrong?, what to say) for the shared flags; per_student: teachers each student has."""
+    return [
+        (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
+        (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
+        (
+            not 1 <= args.topk <= args.vocab,
+            f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
+            f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}",
+        ),
+        (
+            args.batch < per_student,
+            f"--batch {args.batch}: each student splits its batch's rows over its {per_student} "
+            f"teachers, so it needs at least {per_student} rows",
+        ),
+    ]
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,7 @@ import argparse
 import os
 
 from distill_demo.comms import Layout
-from distill_demo.knowledge import MODES
-from distill_demo.models import SIZES
-from distill_demo.train import RECIPES
+from distill_demo.train import add_training_flags, training_defaults, training_flag_errors
 from rpc_demo.launch import launch, refuse
 from rpc_demo.teacher import FAULT_STEP
 
@@ -47,32 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--students", type=int, default=2, help="student processes (2)")
     p.add_argument("--teachers", type=int, default=2, help="teacher processes (2)")
-    p.add_argument(
-        "--transfer",
-        choices=MODES,
-        default="full",
-        help="what the teachers send: full probabilities, top-k logits, or hidden "
-        "states (full); see distill_demo",
-    )
-    p.add_argument("--topk", type=int, default=8, help="k for --transfer topk (8)")
-    p.add_argument("--steps", type=int, default=60, help="training steps (60)")
-    p.add_argument(
-        "--teacher-steps",
-        type=int,
-        default=None,
-        help="steps the first teacher trains on the data first (60, 200 with "
-        "--size large; 0 with --bench)",
-    )
-    p.add_argument("--size", choices=list(SIZES), default="tiny", help="model sizes (tiny)")
-    p.add_argument("--vocab", type=int, default=256, help="vocabulary size (256)")
-    p.add_argument("--seq", type=int, default=32, help="tokens per sequence (32)")
-    p.add_argument("--batch", type=int, default=8, help="sequences per student per step (8)")
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="the students' AdamW step size (0.01; small 0.003, large 0.0003)",
-    )
+    add_training_flags(p, "the first teacher")
     p.add_argument(
         "--bench", action="store_true", help="train the same config over p2p and over RPC; compare"
     )
@@ -136,28 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="out", help="folder for the figures (out/)")
     p.add_argument("--save", help="write the trained student's weights to this file")
-    args = p.parse_args(argv)
-    if args.teacher_steps is None:
-        args.teacher_steps = 0 if args.bench else RECIPES[args.size].teacher_steps
-    if args.lr is None:
-        args.lr = RECIPES[args.size].student_lr
-    return args
+    return training_defaults(p.parse_args(argv))
 
 
 def validate(args: argparse.Namespace) -> None:
     """Every mistake in the flags, said before any process starts."""
-    for bad, message in [
-        (
-            args.students < 1 or args.teachers < 1,
-            f"--students {args.students} --teachers {args.teachers}: at least 1 of each",
-        ),
-        (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
-        (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
-        (
-            not 1 <= args.topk <= args.vocab,
-            f"--topk {args.topk} must be between 1 and --vocab {args.vocab}: top-k keeps the k "
-            f"largest of the {args.vocab} logits. Try --topk {min(8, args.vocab)}",
-        ),
+    if args.students < 1 or args.teachers < 1:
+        refuse(f"--students {args.students} --teachers {args.teachers}: at least 1 of each")
+    layout = Layout(args.students + args.teachers, args.teachers, args.students)
+    per_student = len(layout.units[0].teachers)
+    for bad, message in training_flag_errors(args, per_student) + [
         (
             min(args.steps, args.repeats, args.rounds) < 1
             or min(args.warmup, args.teacher_steps) < 0,
@@ -180,13 +141,6 @@ def validate(args: argparse.Namespace) -> None:
     ]:
         if bad:
             refuse(message)
-    layout = Layout(args.students + args.teachers, args.teachers, args.students)
-    per_student = len(layout.units[0].teachers)
-    if args.batch < per_student:
-        refuse(
-            f"--batch {args.batch}: each student splits its batch's rows over its "
-            f"{per_student} teachers, so it needs at least {per_student} rows"
-        )
 
 
 def main(argv: list[str] | None = None) -> None:
