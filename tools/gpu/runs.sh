@@ -18,6 +18,17 @@ L="00_hello 01_groups 02_p2p 03_collectives 04_scatter 05_hooks 06_distill 07_pr
 for l in $L; do run "nccl2_$l" 150 $TR --nproc-per-node 2 "lessons/$l.py" --out "$G/figs"; done
 for l in $L; do run "gloo4_$l" 240 $TR --nproc-per-node 4 "lessons/$l.py" --backend gloo --out "$G/gloo"; done
 for n in 00 01 02 03 04 05 06 07 08 09; do run "check_solution_$n" 200 python3 -m lessons.check $n --solution --nproc 2; done
+# Lessons 10-13 (written after those runs; not yet run on two GPUs, December 2026): trainer on GPU
+# 0, engine on GPU 1, over NCCL; lesson 11's pair shares GPU 0 (CUDA IPC, control over gloo).
+# Lesson 12 keeps its tiny engine on CPU (gloo) at any backend; its benchmark below uses NCCL.
+for l in 10_reshard 13_experts; do
+  run "nccl2_$l" 200 $TR --nproc-per-node 2 "lessons/$l.py" --backend nccl --out "$G/figs"
+done
+run cuda2_11_colocate 120 $TR --nproc-per-node 2 lessons/11_colocate.py --out "$G/figs"
+for l in 10_reshard 11_colocate 12_live_engine 13_experts; do
+  run "gloo4_$l" 240 $TR --nproc-per-node 4 "lessons/$l.py" --backend gloo --out "$G/gloo"
+done
+for n in 10 11 12 13; do run "check_solution_$n" 240 python3 -m lessons.check $n --solution; done
 # Failures that must be clear and fast on NCCL too
 run 00_nccl_forced_4_ranks 60 $TR --nproc-per-node 4 lessons/00_hello.py --backend nccl
 run duplicate_gpu 60 $TR --nproc-per-node 2 tools/gpu/duplicate_gpu.py
@@ -49,4 +60,7 @@ run rpc_probe 500 python3 tools/gpu/rpc_probe.py
 run bench_09_weight_update 400 $TR --nproc-per-node 2 benchmarks/weight_update.py --backend nccl \
     --out "$G/figs"
 run trace_gpu 200 python3 tools/capture_debug_outputs.py gpu "$G/trace"
+run bench_11_colocate 400 python3 benchmarks/colocate.py --out "$G/figs"
+run bench_12_live_engine_nccl 300 $TR --nproc-per-node 2 benchmarks/live_engine.py \
+    --backend nccl --out "$G/figs"
 cat "$G/summary.txt"
