@@ -137,6 +137,30 @@ def hang_with_pids(tmp_path, via, timeout, nproc=4):
     return runner, results, [int(p.name) for p in tmp_path.iterdir()]
 
 
+def test_the_launcher_asks_about_gpus_without_poisoning_its_forks(monkeypatch, tmp_path):
+    """torch's LaunchConfig asks torch.cuda.is_available(). Answered by the CUDA runtime, that
+    poisons every later fork of the asking process: on a GPU machine, each rank of plain
+    `python lesson.py` failed at its first CUDA call. The launcher makes torch ask NVML."""
+    seen = []  # PYTORCH_NVML_BASED_CUDA_CHECK at each is_available() call
+
+    def is_available():
+        seen.append(os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+        return False
+
+    class NotStarted:  # the agent's thread, never started: only the config is wanted
+        def __init__(self, config, args):
+            self.config = config
+
+        def start(self):
+            pass
+
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setattr(launcher, "_Agent", NotStarted)
+    launcher.start_agent(HELLO, 2, [], {}, str(tmp_path), "fork", stream=False)
+    assert seen == ["1"], seen
+
+
 @pytest.mark.parametrize("via", ["forkserver", "torchrun"])
 def test_a_rank_that_dies_stops_the_others(tmp_path, via):
     """Kill one rank of a hanging run: the launcher (or torchrun) must stop the rest at once,
