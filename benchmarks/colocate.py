@@ -15,8 +15,8 @@ Rank 0 trains, rank 1 is the engine (TP=1, vLLM's fused qkv_proj / gate_up_proj)
   each tensor out into its layout;
 - (c) the course's: the trainer keeps its parameters in one flat buffer laid out as the engine's
   (q, k, v adjacent, so qkv_proj is a plain range): the handle is opened once, and each update
-  the engine pulls everything into staging in one pass that also sums every 64 kB chunk (a
-  Triton kernel on the GPU; on CPU a copy, then the sums), checks the sums against the
+  the engine pulls everything into staging in one pass that also takes every 64 kB chunk's
+  checksum (a Triton kernel on the GPU; on CPU a copy, then the sums), checks them against the
   trainer's table in its layout, and swaps staging in (atomic: the old version or the new one,
   never a mix; the price is a second copy of the engine's weights). Shown twice: the table made
   by the trainer's step (one read of its weights, timed apart), and the table made inside the
@@ -42,8 +42,10 @@ TARGETS = {"llama-3.1-8b": 1.2, "llama-3.2-1b": 1.5}  # (c) / floor, the course'
 
 # --8<-- [start:fused]
 def triton_copy_sum():
-    """One kernel that copies a buffer and sums each chunk of what it copied, as int64 words:
-    the verification costs no extra pass over memory. None without Triton or a GPU."""
+    """One kernel that copies a buffer and takes each chunk's checksum of what it copied (its
+    int64 words, each times 2 * place + 1, summed: cl.chunk_sums): the verification costs no
+    extra pass over memory. Without `dst`, the checksums alone (the trainer's table, one read).
+    None without Triton."""
     try:
         import triton
         import triton.language as tl
@@ -51,39 +53,50 @@ def triton_copy_sum():
         return None
 
     @triton.jit
-    def copy_sum(src, dst, sums, WORDS: tl.constexpr, BLOCK: tl.constexpr):
+    def copy_sum(src, dst, sums, WORDS: tl.constexpr, BLOCK: tl.constexpr, COPY: tl.constexpr):
         chunk = tl.program_id(0)
         base = chunk.to(tl.int64) * WORDS
         acc = tl.zeros([BLOCK], dtype=tl.int64)
         for i in range(0, WORDS, BLOCK):
             at = base + i + tl.arange(0, BLOCK)
             words = tl.load(src + at, eviction_policy="evict_first")
-            tl.store(dst + at, words, eviction_policy="evict_first")
-            acc += words
+            if COPY:
+                tl.store(dst + at, words, eviction_policy="evict_first")
+            acc += words * (at * 2 + 1)  # a word's weight is its place in the buffer
         tl.store(sums + chunk, tl.sum(acc, axis=0))
 
-    def run(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-        src64, dst64 = src.view(torch.int64), dst.view(torch.int64)
+    def run(src: torch.Tensor, dst: torch.Tensor | None = None) -> torch.Tensor:
+        src64 = src.view(torch.int64)
+        dst64 = src64 if dst is None else dst.view(torch.int64)  # unread without a copy
         words = CHUNK_BYTES // 8
         sums = torch.empty(src64.numel() // words, dtype=torch.int64, device=src.device)
-        copy_sum[(sums.numel(),)](src64, dst64, sums, WORDS=words, BLOCK=1024, num_warps=8)
+        grid, copy = (sums.numel(),), dst is not None
+        copy_sum[grid](src64, dst64, sums, WORDS=words, BLOCK=1024, COPY=copy, num_warps=8)
         return sums
 
     return run
 
 
+def cpu_copy_sum(src: torch.Tensor, dst: torch.Tensor | None = None, slab=4 << 20):
+    """The same on CPU, slab by slab: the checksums read each slab the copy has just written, from
+    the cache, so memory is read once here too."""
+    if dst is None:
+        return cl.chunk_sums(src, CHUNK_BYTES)
+    sums = []
+    for at in range(0, src.numel(), slab):
+        dst[at : at + slab].copy_(src[at : at + slab])
+        sums.append(cl.chunk_sums(dst[at : at + slab], CHUNK_BYTES, first=at // CHUNK_BYTES))
+    return torch.cat(sums)
+
+
 def fused_pull(copy_sum):
-    """Design (c)'s engine side: one pass (copy + chunk sums), one index_add to a sum per
+    """Design (c)'s engine side: one pass (copy + chunk checksums), one index_add to a checksum per
     tensor, compare, swap. The trainer's buffer is laid out as the engine's, so the whole update
     is one range; else each span would be one element of a _foreach_copy_ (exercise 11.1)."""
 
     def on_pull(engine, table, version):
         src, staging = engine.trainer_flat.view(torch.uint8), engine.staging.flat
-        if copy_sum is not None and src.is_cuda:
-            chunks = copy_sum(src[: staging.numel()], staging)
-        else:
-            staging.copy_(src[: staging.numel()])
-            chunks = cl.chunk_sums(staging, CHUNK_BYTES)
+        chunks = copy_sum(src[: staging.numel()], staging)
         owner = engine.layout.owner
         sums = torch.zeros_like(table).index_add_(0, owner, chunks)
         bad = engine.layout.names_at((sums != table).nonzero().flatten().tolist())
@@ -122,19 +135,22 @@ def memory(device):
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def trainer_runs(ctx, pair, preset, args):
+def trainer_runs(ctx, pair, preset, args, copy_sum):
     shape, device, gpu = PRESETS[preset], ctx.device, cl.gpu_id(ctx.device)
     layout, flat, weights = trainer_model(shape, device)
     trainer = cl.Trainer(pair, flat.view(torch.bfloat16), weights, device)
     meta = trainer.meta()
-    assert trainer.open({gpu: cl.share(flat.view(torch.bfloat16))}, meta) is None
+    refused = trainer.open({gpu: cl.share(flat.view(torch.bfloat16))}, meta)
+    if refused:
+        raise RuntimeError(f"the engine refused the trainer's handle: {refused}")
     nbytes, rows, versions = layout.size, [], iter(range(1, 10**9))
     run = lambda update: measure(update, device, args.warmup, args.repeats)  # noqa: E731
 
     def verified(label):  # the engine's live weights, checked against the trainer's table
         pair.send(cl.CHECK, obj=layout.table(flat).tolist())
         op, _, _, bad = pair.recv()
-        assert op == cl.ACK, f"{label}: the engine's live weights differ in {bad}"
+        if op != cl.ACK:
+            raise RuntimeError(f"{label}: the engine's live weights differ in {bad}")
 
     def row(path, seconds, held, note=""):
         ms, mb = seconds * 1e3, held / 1e6
@@ -170,14 +186,20 @@ def trainer_runs(ctx, pair, preset, args):
         version = next(versions)
         trainer.start(version, table)
         got = trainer.finish()
-        assert got == (version, []), got
+        if got != (version, []):
+            raise RuntimeError(f"(c): update {version} was not committed: {got}")
 
-    table = layout.table(flat)  # made by the trainer's step: its weights do not change here
-    table_s = run(lambda: layout.table(flat))
+    def table_of(flat):  # the trainer's table in one read: the pull's kernel, without its copy
+        return layout.table(flat, copy_sum(flat))
+
+    table = table_of(flat)  # made by the trainer's step: its weights do not change here
+    if not torch.equal(table, layout.table(flat)):
+        raise RuntimeError("the kernel's checksums differ from cl.chunk_sums'")
+    table_s = run(lambda: table_of(flat))
     row("(c) handle opened once, fused pull + verify + swap", run(lambda: pull_only(table)), nbytes)
     row(
         "(c) the same, the trainer's table made in the call",
-        run(lambda: pull_only(layout.table(flat))),
+        run(lambda: pull_only(table_of(flat))),
         nbytes,
     )
     verified("(c)")
@@ -189,6 +211,9 @@ def trainer_runs(ctx, pair, preset, args):
 def report(rows, device, args):
     floor = {r["model"]: r["ms"] for r in rows if r["path"].startswith("floor")}
     lines = [
+        "Held extra: what a design holds beyond the trainer's and the engine's weights: (a) the "
+        "clones (on a GPU, the measured peak), (b) the bucket, (c) staging.",
+        "",
         "| model | path | ms | GB/s | x floor | held extra (MB) | |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -225,8 +250,8 @@ def main():
     p.add_argument(
         "--presets", help="models (weight_sync.PRESETS); default: 1B and 8B on a GPU, small on CPU"
     )
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2, help="untimed updates per path first (2)")
+    p.add_argument("--repeats", type=int, default=7, help="timed updates per path, median (7)")
     args = p.parse_args()
     args.backend = "gloo"  # only to start both processes; a socket carries the control messages
     with setup(args, EVEN, relaunch=True) as ctx:
@@ -240,14 +265,16 @@ def main():
             return
         print0(f"trainer rank 0 and engine rank 1 on {ctx.device}; models {', '.join(presets)}")
         copy_sum = triton_copy_sum() if ctx.device.type == "cuda" else None
-        how = "one Triton kernel, copy + chunk sums" if copy_sum else "copy, then chunk sums"
+        how = "one Triton kernel, copy + chunk checksums"
+        if copy_sum is None:
+            copy_sum, how = cpu_copy_sum, "slab by slab: a copy, then its chunk checksums"
         print0(f"(c)'s pull: {how}")
         rows = []
         for preset in presets:
             shape = PRESETS[preset]
             if ctx.rank == 0:
                 pair = cl.Pair(1, listen=False)
-                rows += trainer_runs(ctx, pair, preset, args)
+                rows += trainer_runs(ctx, pair, preset, args, copy_sum)
             else:
                 engine = cl.Engine(shape, 0, 1, torch.bfloat16, ctx.device, 1, CHUNK_BYTES)
                 if ctx.device.type == "cuda":  # the float32 tensors it was loaded from: give back

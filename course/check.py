@@ -243,6 +243,7 @@ def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
     said = {}
     mine = verdicts / f"rank{os.environ['RANK']}.json"
     args = ranks.parser("").parse_args([])  # COURSE_TIMEOUT, COURSE_TRACE, ... from the launcher
+    args.backend = getattr(lesson, "BACKEND", args.backend)  # a lesson that needs one (11: gloo)
     with ranks.setup(args, getattr(lesson, "NEEDS", None), trace=args.trace) as ctx:
         for exercise in exercises:
             check_fn, *names = checks[exercise]

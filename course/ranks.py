@@ -132,7 +132,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--nproc", type=int, default=4, help="ranks to start under plain python (4)")
+    p.add_argument(
+        "--nproc", type=int, default=4, help="ranks to start under plain python (%(default)s)"
+    )
     p.add_argument(
         "--backend",
         choices=BACKENDS,

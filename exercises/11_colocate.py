@@ -61,21 +61,21 @@ def check_pull(ctx, pull):
     tensor (that tensor refused). Then each engine rank pulls through a handle to its trainer's
     flat buffer (shared memory on CPU)."""
     shape, tp_size, p = PRESETS[lesson.PRESET], ctx.world_size // 2, ctx.rank // 2
-    if ctx.device.type == "cpu":
-        cl.use_shared_memory()
+    device = cl.colocated_device(ctx.local_rank)  # as in the lesson: a pair shares GPU p
+    gpu = cl.gpu_id(device, [r // 2 for r in range(ctx.world_size)])
     spans = cl.vllm_spans(shape, p, tp_size)
     expected = cl.reference(
-        shape, lesson.SEED_B, p, tp_size, lesson.ENGINE_DTYPE, lesson.CHUNK_BYTES
+        shape, lesson.SEED_B, p, tp_size, lesson.ENGINE_DTYPE, lesson.CHUNK_BYTES, device
     )
     layout = expected.layout
-    flat, weights = cl.flat_weights(shape, lesson.SEED_B, ctx.device)
+    flat, weights = cl.flat_weights(shape, lesson.SEED_B, device)
     table = cl.trainer_table(spans, weights, layout)
-    staging = cl.Buffers.allocate(layout, ctx.device)
+    staging = cl.Buffers.allocate(layout, device)
     bad, copies = run_pull(pull, spans, weights, staging, table)  # a stub raises on every rank
-    same = torch.equal(staging.flat.cpu(), expected.flat)
+    same = torch.equal(staging.flat, expected.flat)
     torn = table.clone()
     torn[layout.index["model.norm.weight"]] += 1  # as if the trainer stepped after its table
-    refused, _ = run_pull(pull, spans, weights, cl.Buffers.allocate(layout, ctx.device), torn)
+    refused, _ = run_pull(pull, spans, weights, cl.Buffers.allocate(layout, device), torn)
     yours = {
         "refused, good update": bad,
         "staging equals the engine's layout of model B": same,
@@ -90,16 +90,16 @@ def check_pull(ctx, pull):
     }
     pair = cl.Pair(ctx.rank + 1 if ctx.rank % 2 == 0 else ctx.rank - 1, listen=ctx.rank % 2 == 1)
     if ctx.rank % 2 == 0:  # the trainer: share once, keep the memory alive until the engine is done
-        pair.send(cl.OPEN, obj={"flat": cl.share(flat), "meta": meta_of(flat, weights)})
+        pair.send(cl.OPEN, obj={"flat": {gpu: cl.share(flat)}, "meta": meta_of(flat, weights)})
         pair.recv()
     else:
         sent = pair.recv()[3]
-        opened = cl.open_shared({"gpu": sent["flat"]}, "gpu", ctx.device)
+        opened = cl.open_shared(sent["flat"], gpu, device)  # keyed by the GPU, as the lesson
         trainer = {n: opened[at : at + s.numel()].view(s) for n, (s, at) in sent["meta"].items()}
-        staging = cl.Buffers.allocate(layout, ctx.device)
+        staging = cl.Buffers.allocate(layout, device)
         bad, _ = run_pull(pull, spans, trainer, staging, table)
         yours["through a handle: staging equals the reference"] = (
-            torch.equal(staging.flat.cpu(), expected.flat) and bad == []
+            torch.equal(staging.flat, expected.flat) and bad == []
         )
         wanted["through a handle: staging equals the reference"] = True
         del trainer, opened

@@ -20,7 +20,7 @@ Run it
 What you should see (4 ranks, no GPU; timings are yours)
     [rank 0] ranks 0, 2 train; ranks 1, 3 are an engine of TP=2; ranks 2p, 2p+1 share GPU p
     [rank 0] NCCL between them? no GPU here; on one, NCCL fails at its first collective with
-             'Duplicate GPU detected: rank 0 and rank 1 both on CUDA device ...': ...
+             'Duplicate GPU detected : rank 0 and rank 1 both on CUDA device ...': ...
     [rank 0] trainer: model B, 21 float32 tensors in one flat buffer of 0.96 MB, shared once:
     [rank 0]     a handle of 318 bytes for GPU simulated-gpu-0
     [rank 0] checked: a handle for another GPU is refused: no handle for this engine's GPU ...
@@ -52,6 +52,7 @@ from weight_sync import PRESETS
 from weight_sync import colocate as cl
 
 NEEDS = EVEN  # rank 2p trains, rank 2p+1 is engine TP rank p; the two share GPU p
+BACKEND = "gloo"  # only to start everybody: NCCL refuses two ranks of one GPU, and handles move
 PRESET = "tiny"  # 21 tensors; TP = 1, 2, 3 or 6 divides its heads, KV heads and MLP
 SEED_A, SEED_B = 1, 2  # the engine starts with model A; the trainer holds model B
 ENGINE_DTYPE = torch.bfloat16  # what the engine serves in; the trainer keeps float32
@@ -73,14 +74,15 @@ def share_once(flat, gpu):
 def pull_per_span(engine, table, version):
     """The engine, each update: copy every span of the trainer's tensors (opened once, no copy
     so far) into staging, converting float32 to bf16 and fusing qkv and gate/up as it goes; then
-    sum every chunk of staging and compare with the trainer's table; swap only if all match."""
+    take each tensor's checksum (its words weighted by their places, so a word in the wrong place
+    counts) and compare with the trainer's table; swap only if all match."""
     for s in engine.spans:
         n = s.stop - s.start
         src = engine.trainer[s.hf_name].narrow(s.dim, s.hf_start, n)
         engine.staging.views[s.name].narrow(s.dim, s.start, n).copy_(src)
     sums = engine.layout.table(engine.staging.flat)  # one int64 per tensor, in the engine's layout
     bad = engine.staging.names_at((sums != table).nonzero().flatten().tolist())
-    engine.commit(version, bad)  # staging <-> live, or keep live if any chunk differs
+    engine.commit(version, bad)  # staging <-> live, or keep live if any tensor differs
     return bad
     # --8<-- [end:pull]
 
@@ -201,7 +203,7 @@ def main():
             "--backend nccl: each GPU holds a trainer and an engine rank, and NCCL refuses"
             " two ranks of one GPU; control messages go over gloo (--backend gloo or auto)"
         )
-    args.backend = "gloo"  # only to start everybody; the weights move through memory handles
+    args.backend = BACKEND
     with setup(args, NEEDS, relaunch=True, trace=args.trace) as ctx:
         tp_size, shape, rank = ctx.world_size // 2, PRESETS[PRESET], ctx.rank
         if shape.heads % tp_size or (shape.kv_heads % tp_size and tp_size % shape.kv_heads):
@@ -225,8 +227,9 @@ def main():
         ok = torch.tensor([int(rank % 2 == 0 or engine_side(ctx, gpu, rank - 1, shape, tp_size))])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every engine rank's verdict
         # --8<-- [end:pair]
-        if ok.item():
-            print0("checked: every engine rank holds its fused bf16 shard of model B, bit for bit")
+        if not ok.item():  # on every rank: the verdict was all-reduced
+            raise SystemExit("an engine rank's weights differ from its fused bf16 shard of model B")
+        print0("checked: every engine rank holds its fused bf16 shard of model B, bit for bit")
         if rank == 0:
             cl.two_stage_demo(print_rank)
         print0(

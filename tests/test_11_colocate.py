@@ -7,6 +7,7 @@ exercise's other wrong answers, and the benchmark on CPU.
 The fault runs as two plain processes (python tests/test_11_colocate.py fault), not under one
 torchrun, which would stop the engine as soon as the trainer died."""
 
+import json
 import os
 import signal
 import subprocess
@@ -50,6 +51,10 @@ def test_engine_layout_is_vllms_fused_shards(tp):
         assert torch.equal(got[p + "mlp.gate_up_proj.weight"], torch.cat([gate, up]))
         o = full[p + "self_attn.o_proj.weight"].chunk(tp, 1)[r]
         assert torch.equal(got[p + "self_attn.o_proj.weight"], o)
+        down = full[p + "mlp.down_proj.weight"].chunk(tp, 1)[r]
+        assert torch.equal(got[p + "mlp.down_proj.weight"], down)
+        embed = full["model.embed_tokens.weight"].chunk(tp)[r]
+        assert torch.equal(got["model.embed_tokens.weight"], embed)
         assert torch.equal(got["lm_head.weight"], full["lm_head.weight"].chunk(tp)[r])
         assert torch.equal(got["model.norm.weight"], full["model.norm.weight"])
 
@@ -67,6 +72,40 @@ def test_trainer_table_equals_the_engine_layouts_table():
     engine.views["model.norm.weight"][3] += 1
     changed = engine.layout.table(engine.flat) != cl.trainer_table(spans, weights, engine.layout)
     assert engine.names_at(changed.nonzero().flatten().tolist()) == ["model.norm.weight"]
+
+
+@pytest.mark.parametrize("mistake", ["gate and up swapped", "two q heads swapped"])
+def test_a_misplaced_block_changes_the_checksum(mistake):
+    """The bytes all arrive but land in the wrong place, the typical layout bug: the engine's
+    checksum weights each word by its place, so its tensor is refused (a plain sum of the
+    words would not change)."""
+    tp, r = 2, 1
+    _, weights = cl.flat_weights(TINY, 2, torch.device("cpu"))
+    spans = cl.vllm_spans(TINY, r, tp)
+    layout = cl.EngineLayout(TINY, spans, BF16, 1024)
+    staging = cl.Buffers.allocate(layout, "cpu")
+    swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
+    for s in spans:
+        name = s.hf_name
+        if mistake == "gate and up swapped" and name.split(".")[-2] in swap:
+            name = name.replace(name.split(".")[-2], swap[name.split(".")[-2]])
+        n = s.stop - s.start
+        staging.views[s.name].narrow(s.dim, s.start, n).copy_(
+            weights[name].narrow(s.dim, s.hf_start, n)
+        )
+    qkv, hd = "model.layers.0.self_attn.qkv_proj.weight", TINY.hidden // TINY.heads
+    if mistake == "two q heads swapped":
+        rows = staging.views[qkv]
+        rows[: 2 * hd] = torch.cat([rows[hd : 2 * hd], rows[:hd]]).clone()
+    plain = [staging.views[qkv].view(torch.int64).sum()]  # what an order-blind sum would see
+    expected = cl.reference(TINY, 2, r, tp, BF16, 1024)
+    assert not torch.equal(staging.flat, expected.flat)
+    if mistake == "two q heads swapped":
+        assert plain == [expected.views[qkv].view(torch.int64).sum()]
+    bad = layout.table(staging.flat) != cl.trainer_table(spans, weights, layout)
+    refused = layout.names_at(bad.nonzero().flatten().tolist())
+    wanted = "mlp.gate_up_proj" if mistake == "gate and up swapped" else "self_attn.qkv_proj"
+    assert refused and all(wanted in name for name in refused), refused
 
 
 def test_a_handle_for_another_gpu_is_refused():
@@ -153,8 +192,14 @@ def test_exercise_check_catches_each_wrong_answer(name, key):
 
 
 def test_lesson_refuses_nccl_and_odd_worlds():
-    result = run_ranks(ROOT / "lessons" / "11_colocate.py", 2, ["--backend", "nccl"], timeout=90)
+    lesson = ROOT / "lessons" / "11_colocate.py"
+    result = run_ranks(lesson, 2, ["--backend", "nccl"], timeout=90)
     assert result.returncode != 0 and "NCCL refuses two ranks of one GPU" in text(result)
+    result = run_python(lesson, ["--nproc", "3"], timeout=60)  # before any rank starts
+    assert result.returncode != 0 and "needs an even number of ranks" in text(result)
+    result = run_ranks(lesson, 8, [], timeout=120)  # an engine of TP=4: 6 KV heads do not split
+    out = text(result)
+    assert result.returncode != 0 and "TP=4 does not divide the model's heads" in out, out
 
 
 def test_benchmark_on_cpu(tmp_path):
@@ -163,9 +208,12 @@ def test_benchmark_on_cpu(tmp_path):
     )
     out = text(result)
     assert result.returncode == 0, out
-    for row in ("floor", "(a)", "(b)", "(c)"):
-        assert row in out, out
-    assert "checksums verified" in out and (tmp_path / "11_colocate_cpu.md").is_file(), out
+    rows = json.loads((tmp_path / "11_colocate_cpu.json").read_text())
+    paths = [r["path"].split(" ")[0] for r in rows]
+    assert paths == ["floor:", "(a)", "(b)", "(c)", "(c)", ""], paths
+    assert all(r["model"] == "tiny" and r["ms"] > 0 for r in rows), rows
+    table = (tmp_path / "11_colocate_cpu.md").read_text()
+    assert all(f"| tiny | {r['path']} |" in table for r in rows), table
 
 
 # ---------------------------------------------------------------------------------------------
