@@ -7,6 +7,7 @@ exercise's other wrong answers, and the benchmark on CPU.
 The fault runs as two plain processes (python tests/test_11_colocate.py fault), not under one
 torchrun, which would stop the engine as soon as the trainer died."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -106,6 +107,28 @@ def test_a_misplaced_block_changes_the_checksum(mistake):
     refused = layout.names_at(bad.nonzero().flatten().tolist())
     wanted = "mlp.gate_up_proj" if mistake == "gate and up swapped" else "self_attn.qkv_proj"
     assert refused and all(wanted in name for name in refused), refused
+
+
+def test_the_benchmarks_kernels_agree_with_chunk_sums(monkeypatch):
+    """benchmarks/colocate.py's checksums: the Triton kernel (copy + checksums, and checksums
+    alone), run by Triton's interpreter on CPU, and the CPU slab version, all bit for bit
+    cl.chunk_sums'. Skipped where Triton is not installed (CI; it comes with torch's GPU wheels)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton was imported before this test could ask for its interpreter")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read as triton is imported
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import colocate as bench
+
+    copy_sum, chunk = bench.triton_copy_sum(), bench.CHUNK_BYTES
+    src = torch.randint(0, 256, (67 * chunk,), dtype=torch.uint8)
+    want = cl.chunk_sums(src, chunk, slab=3)
+    dst, cpu_dst = torch.zeros_like(src), torch.zeros_like(src)
+    assert torch.equal(copy_sum(src, dst), want) and torch.equal(dst, src)
+    assert torch.equal(copy_sum(src), want)
+    assert torch.equal(bench.cpu_copy_sum(src, cpu_dst, slab=2 * chunk), want)
+    assert torch.equal(cpu_dst, src)
 
 
 def test_a_handle_for_another_gpu_is_refused():
