@@ -93,6 +93,8 @@ def check_plan(ctx, plan_span):
             yours[key] = f"raised {type(err).__name__}: {str(err)[:120]}"
     expected["DP replicas' shares"] = "each DP replica sends half the bytes (within 10%)"
     yours["DP replicas' shares"] = dp_shares(plan_span)
+    expected["a piece smaller than its holders"] = ROTATED
+    yours["a piece smaller than its holders"] = rotation(plan_span)
     expected["a span nobody holds"] = "refused: PlanError"
     span = rs.Span("lm_head.weight", 0, 0, 64, "lm_head.weight", 0, 64)
     try:
@@ -148,6 +150,24 @@ def dp_shares(core):
         return (f"DP replicas send {by_replica[0]} and {by_replica[1]} bytes: spread each piece "
                 "over every rank holding it, not all from replica 0")  # fmt: skip
     return "each DP replica sends half the bytes (within 10%)"
+
+
+ROTATED = "over 4 turns, each of its 4 holders sends"
+
+
+def rotation(core):
+    """A 2-row span held whole by 4 trainer ranks (DP replicas), planned at turns 0..3 (one per
+    tensor, as plan_transfers does): the sending must rotate over all 4, not fall on 2 always."""
+    span = rs.Span("model.norm.weight", 0, 0, 2, "model.norm.weight", 0, 2)
+    try:
+        senders = {
+            t.src for turn in range(4) for t in core(4, span, [(r, span) for r in range(4)], turn)
+        }
+    except Exception as err:
+        return f"raised {type(err).__name__}: {str(err)[:100]}"
+    if senders != {0, 1, 2, 3}:
+        return f"only trainer ranks {sorted(senders)} send over 4 turns: rotate who sends by `turn`"
+    return ROTATED
 
 
 # Exercise id -> (its check, the function you write, defined in the lesson).

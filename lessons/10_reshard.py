@@ -30,13 +30,13 @@ What you should see (4 ranks, no GPU: trainer TP1 x PP2 + engine TP2; times are 
     [rank 0] plan: 102 transfers; bytes sent by trainer rank: 0: 181.2 kB, 1: 181.5 kB
     [rank 0] checked: every element of every engine tensor is written exactly once
     [rank 0] path            ms   out of busiest rank   into each engine rank   extra memory
-    [rank 0] gather         4.2              363.6 kB      181.8 kB, 181.8 kB       363.8 kB
-    [rank 0] direct         3.2              181.9 kB      181.8 kB, 181.8 kB       181.9 kB
-    [rank 0] two-stage     10.7              181.9 kB      272.6 kB, 272.7 kB       363.8 kB
+    [rank 0] gather         4.0              363.6 kB      181.8 kB, 181.8 kB       545.2 kB
+    [rank 0] direct         2.4              181.9 kB      181.8 kB, 181.8 kB       181.9 kB
+    [rank 0] two-stage      1.0              181.9 kB      272.6 kB, 272.7 kB       363.8 kB
     [rank 0] checked: each update committed on every engine rank: versions 1, 2, 3
-    [rank 0] checked: after each (B, A, B) the engine's next token and logits equal one process's
+    [rank 0] checked: after each (B, C, A) the engine's next token and logits equal one process's
     [rank 0] wrong q/k/v interleave: committed, version 4, every checksum and coverage passed
-    [rank 0] checked: ...yet the engine's next token went from 253 to 204 (one process says 253)
+    [rank 0] checked: ...yet the engine's next token went from 94 to 21 (one process says 94)
     [rank 0] Next: exercises 10.1 and 10.2. Check them: python -m lessons.check 10
 The planner, the three paths and the verified commit are weight_sync/reshard.py; the two
 layouts are weight_sync/megatron.py and weight_sync/vllm_layout.py.
@@ -55,7 +55,7 @@ from weight_sync.vllm_layout import hf_to_vllm
 
 NEEDS = AT_LEAST_2  # trainer ranks first, engine ranks after
 DEFAULTS = {2: "1,1,1 1", 4: "1,2,1 2", 6: "2,2,1 2", 8: "2,1,2 4"}  # world -> trainer, engine
-SEED_A, SEED_B = 1, 2  # the engine starts with model A, the trainer holds model B
+SEED_A, SEED_B, SEED_C = 1, 2, 3  # the engine starts with model A; the trainer holds B and C
 ENGINE_DTYPE = torch.bfloat16  # the engine's; the trainer keeps float32, converted on send
 PROMPT = [5, 17, 42, 101]  # the engine's greedy next token after these must be one process's
 
@@ -184,7 +184,7 @@ def main():
 
 def run(ctx, world, shape, sources, plan):
     group, tp_rank = rs.engine_world(world, ctx.device)
-    hf = {seed: make_weights(shape, seed, "cpu") for seed in (SEED_A, SEED_B)}
+    hf = {seed: make_weights(shape, seed, "cpu") for seed in (SEED_A, SEED_B, SEED_C)}
     engine, held = None, {}
     if world.is_trainer(ctx.rank):  # both models as this trainer rank holds them, float32
         t = trainer_rank(ctx.rank, world.tp, world.pp, world.dp)
@@ -196,7 +196,9 @@ def run(ctx, world, shape, sources, plan):
         live = {n: w.to(ctx.device, ENGINE_DTYPE) for n, w in live.items()}
         engine = rs.Engine(shape, tp_rank, world.engine_tp, live, group)
     print0(f"{'path':<10} {'ms':>7}   out of busiest rank   into each engine rank   extra memory")
-    versions, models = [], (SEED_B, SEED_A, SEED_B)  # each update changes the engine's model
+    # Each update changes the engine's model, and never to what its staging still holds (the
+    # model before last): a path that wrote nothing would fail the check that follows it.
+    versions, models = [], (SEED_B, SEED_C, SEED_A)
     for path, seed in zip(rs.PATHS, models):
         result = rs.update(
             path, plan, world, ctx.rank, shape, held.get(seed), ENGINE_DTYPE, ctx.device, engine
@@ -212,14 +214,14 @@ def run(ctx, world, shape, sources, plan):
         token = next_token(engine, forward(held_in_bf16, shape, PROMPT), ctx, world)
     assert versions == [1, 2, 3], versions
     print0("checked: each update committed on every engine rank: versions 1, 2, 3")
-    print0("checked: after each (B, A, B) the engine's next token and logits equal one process's")
+    print0("checked: after each (B, C, A) the engine's next token and logits equal one process's")
     wrong_sources = {r: wrong_interleave(s) for r, s in sources.items()}
     if all(set(wrong_sources[r]) == set(sources[r]) for r in sources):  # one group per rank:
         print0("wrong q/k/v interleave: one query group per trainer rank, nothing differs")
         return  # [q_g, k_g, v_g] is [all q | all k | all v]
     wrong = rs.plan_transfers(wrong_sources, rs.engine_spans(shape, world))
     result = rs.update(
-        "direct", wrong, world, ctx.rank, shape, held.get(SEED_B), ENGINE_DTYPE, ctx.device, engine
+        "direct", wrong, world, ctx.rank, shape, held.get(SEED_A), ENGINE_DTYPE, ctx.device, engine
     )
     print0(f"wrong q/k/v interleave: {'committed' if result.ok else 'refused'}, version "
            f"{result.version}, every checksum and coverage passed")  # fmt: skip
