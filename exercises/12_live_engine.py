@@ -1,10 +1,13 @@
 """Checks for lesson 12's exercise (lessons/12_live_engine.py). Run it: python -m lessons.check 12
 
 First, on every rank, your lock under load in threads: steps that come and go, and a commit
-every few ms. Steps must run together (a lock shared by steps), never inside a commit, and a
-waiting commit must keep new steps out (else a stream of steps starves it). Then, only if every
-rank's lock passed, rank 0 trains and sends requests while ranks 1.. serve them with your lock:
-every reply is compared with a single-process greedy decode (weight_sync/serve.py's checks).
+every few ms. Steps must run together (a lock shared by steps), never inside a commit, and
+nobody may wait on a timer (no time.sleep, no wait with a timeout: that is the seed's polling).
+Then one scene, played in order: a step inside, a commit asking, then a new step asking: the
+waiting commit must keep it out (else a stream of steps starves the commit). Then, only if
+every rank's lock passed, rank 0 trains and sends requests while ranks 1.. serve them with your
+lock: every reply is compared with a single-process greedy decode (weight_sync/traffic.py's
+checks).
 """
 
 import threading
@@ -20,7 +23,8 @@ from weight_sync import serve, traffic
 lesson = lesson_module("12")
 STEPPERS, STEP_S, COMMITS, EVERY_S = 3, 0.002, 5, 0.01  # the threads' load
 STUCK_S = 3.0  # a thread not done by then is stuck: your lock never let it in
-RACED = STEPPERS  # steps that may slip in while a commit announces itself (a thread paused)
+LATE_S = 0.3  # how long the scene gives a step that asked after a waiting commit to slip in
+BY_EVENT = "by event: no sleep, no wait with a timeout"  # what 12.1 teaches
 
 
 # --8<-- [start:check]
@@ -29,7 +33,12 @@ def check_lock(ctx, step_begin, step_end, commit_begin, commit_end):
     every rank's passed, a live engine of TP = world size - 1 using it, replies checked."""
     moves = (step_begin, step_end, commit_begin, commit_end)
     dry_run(moves)  # a stub raises here, on every rank, before any rank talks to another
-    yours, expected = under_threads(serve.FunctionLock(*moves))
+    with Timers() as timers:  # time.sleep and timed waits, counted inside your four functions
+        yours, expected = under_threads(timers.lock(moves))
+        yours["a step asking while a commit waits"] = writer_preference(timers.lock(moves))
+    yours["waits"] = timers.said()
+    expected["a step asking while a commit waits"] = WAITS_ITS_TURN
+    expected["waits"] = BY_EVENT
     ok = torch.tensor([1.0 if yours == expected else 0.0])
     dist.all_reduce(ok, dist.ReduceOp.MIN)  # every rank decides the same: engine or not
     if ok.item() == 1.0:
@@ -43,15 +52,13 @@ def under_threads(lock):
     """STEPPERS threads step (each holds the lock shared STEP_S, then comes back STEP_S / 2
     later), a commit thread commits COMMITS times, EVERY_S apart; while each commit holds the
     lock, a probe asks for a step. Returns (what happened, what should)."""
-    seen = {"inside": 0, "most": 0, "in commit": 0, "committing": False, "begun": []}
-    seen["stuck probes"] = 0
+    seen = {"inside": 0, "most": 0, "in commit": 0, "committing": False, "stuck probes": 0}
     waits, mutex, stop = [], threading.Lock(), threading.Event()
 
     def stepper():
         while not stop.is_set():
-            step_begin_at = call(lock.acquire_shared)
+            lock.acquire_shared()
             with mutex:
-                seen["begun"].append(step_begin_at)
                 seen["inside"] += 1
                 seen["most"] = max(seen["most"], seen["inside"])
                 seen["in commit"] += seen["committing"]
@@ -96,26 +103,119 @@ def under_threads(lock):
     for t in threads[:-1]:
         t.join(STUCK_S)
     stuck = sum(t.is_alive() for t in threads) + seen["stuck probes"]
-    # a step that began well after a commit asked, before it got in: the commit let it pass
-    slipped = max(
-        (sum(asked + 5e-4 < b < got for b in seen["begun"]) for asked, got, _ in waits), default=0
-    )
     yours = {
         "steps run together": seen["most"] >= 2
         or f"no: at most {seen['most']} at a time; steps share the lock, only a commit excludes",
         "steps inside a commit": seen["in commit"] + sum(w[2] for w in waits),
         "commits done": len(waits),
-        "steps begun while a commit waited": "none" if slipped <= RACED else slipped,
         "threads stuck": stuck,
     }
     expected = {
         "steps run together": True,
         "steps inside a commit": 0,
         "commits done": COMMITS,
-        "steps begun while a commit waited": "none",
         "threads stuck": 0,
     }
     return yours, expected
+
+
+WAITS_ITS_TURN = "waits until the commit is done"
+
+
+def writer_preference(lock):
+    """The scene: step A inside; a commit asks (it must wait for A) and says so in lock.waiting;
+    then step B asks. B must wait for the commit: a lock that lets B in first lets a stream of
+    steps starve every commit. What happened, in order."""
+    order, threads = [], []
+
+    def commit():
+        lock.acquire_exclusive()
+        order.append("commit")
+        lock.release_exclusive()
+
+    def step_b():
+        lock.acquire_shared()
+        order.append("step B")
+        lock.release_shared()
+
+    lock.acquire_shared()  # step A, in this thread
+    threads.append(threading.Thread(target=commit, daemon=True))
+    threads[0].start()
+    deadline = time.monotonic() + STUCK_S
+    while lock.waiting == 0 and not order and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the commit has said it waits (this thread's own sleep)
+    if order or lock.waiting == 0:
+        lock.release_shared()
+        return "the commit did not wait for step A, or never said so in lock.waiting"
+    threads.append(threading.Thread(target=step_b, daemon=True))
+    threads[1].start()
+    time.sleep(LATE_S)  # time enough for step B to slip in, if the lock lets it
+    lock.release_shared()  # step A leaves: the commit goes, then step B
+    for t in threads:
+        t.join(STUCK_S)
+    if any(t.is_alive() for t in threads):
+        return f"stuck: after step A left, only {order or 'nothing'} got the lock"
+    if order[0] == "step B":
+        return "went first: a waiting commit must keep new steps out (lock.waiting)"
+    return WAITS_ITS_TURN
+
+
+class Timers:
+    """While on: time.sleep and Condition waits with a timeout, counted when they happen inside
+    one of the four functions (the check's own threads sleep too, outside them)."""
+
+    def __init__(self):
+        self.inside, self.sleeps, self.timed = threading.local(), 0, 0
+        self.mutex, self.sleep = threading.Lock(), time.sleep
+        timers = self
+
+        class Watched(threading.Condition):
+            def wait(self, timeout=None):
+                if timeout is not None and getattr(timers.inside, "on", False):
+                    with timers.mutex:
+                        timers.timed += 1
+                return super().wait(timeout)
+
+        self.Watched = Watched
+
+    def __enter__(self):
+        def sleep(seconds):
+            if getattr(self.inside, "on", False):
+                with self.mutex:
+                    self.sleeps += 1
+            self.sleep(seconds)
+
+        time.sleep = sleep
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep = self.sleep
+
+    def lock(self, moves):
+        """A FunctionLock of your moves, each marked as inside, with a watched condition."""
+
+        def marked(move):
+            def run(lock):
+                self.inside.on = True
+                try:
+                    move(lock)
+                finally:
+                    self.inside.on = False
+
+            return run
+
+        lock = serve.FunctionLock(*map(marked, moves))
+        lock.cond = self.Watched()
+        return lock
+
+    def said(self):
+        how = [
+            w for w, n in (("time.sleep", self.sleeps), ("waits with a timeout", self.timed)) if n
+        ]
+        if how:
+            return (f"on a timer: {' and '.join(how)} inside your lock; wait with "
+                    "lock.cond.wait_for(...), and wake the waiters with notify_all()")  # fmt: skip
+        return BY_EVENT
 
 
 def serve_with(ctx, moves):
@@ -163,7 +263,7 @@ def call(acquire):
 
 def dry_run(moves):
     """Each of your four functions once, in order, on a fresh lock, in a thread: a stub's
-    NotImplementedError is raised here; a lock stuck with nobody else around is said so."""
+    NotImplementedError is raised here (a lock stuck even alone shows later, as threads stuck)."""
     lock, box = serve.FunctionLock(*moves), {}
 
     def run():

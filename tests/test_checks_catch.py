@@ -47,6 +47,8 @@ SKIPS = {
     "11_colocate.py": {"copies": "one fused call copies every span"},
     "12_live_engine.py": {"steps run together": "no: at most 1 at a time"},
     "12_live_engine_overlap.py": {"steps inside a commit": ""},
+    "12_live_engine_polling.py": {"waits": "on a timer: time.sleep inside your lock"},
+    "12_live_engine_no_preference.py": {"a step asking while a commit waits": "went first"},
 }
 SCREEN = 25  # lines a wrong answer's verdict may take, 4 ranks, per exercise
 
