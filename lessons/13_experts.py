@@ -38,9 +38,10 @@ What you should see (4 ranks, no GPU: trainer TP1 x DP2 with EP2 + engine TP2; t
     [rank 0] all_to_all  9.0     98.3 kB       393.2 kB         5.6   1, 1
     [rank 0] all_gather  4.2    196.6 kB       393.2 kB         5.2   2, 2
     [rank 0] checked: the prompt routes tokens to every expert of every layer
-    [rank 0] checked: after each (B, A, B) the engine's logits equal one process's MoE forward
+    [rank 0] checked: after each of 3 updates (each a new model) the engine's logits at every
+             position equal one process's MoE forward
     [rank 0] wrong expert order: committed, version 4, every checksum and coverage passed
-    [rank 0] checked: ...yet its logits are 0.0273 away from one process's (allowed: 0.0001): caught
+    [rank 0] checked: ...yet its logits are 0.0352 away from one process's (allowed: 0.0001): caught
     [rank 0] Next: exercise 13.1. Check it: python -m lessons.check 13
 The regroup is weight_sync/regroup.py, the planner weight_sync/reshard.py, the model
 weight_sync/moe.py.
@@ -59,10 +60,10 @@ from weight_sync.vllm_layout import hf_to_vllm
 NEEDS = AT_LEAST_2  # trainer ranks first, engine ranks after
 DEFAULTS = {2: "1,1,1,1 1", 4: "1,1,2,2 2", 6: "1,2,2,2 2", 8: "2,1,2,2 4"}  # world -> layouts
 SHAPE = PRESETS["tiny-moe"]  # 8 experts of 32 rows, top 2, a shared expert, 2 layers
-SEED_A, SEED_B = 1, 2  # the engine starts with model A, the trainer holds model B
+SEED_A, SEED_B, SEED_C = 1, 2, 3  # the engine starts with model A; the trainer holds B and C
 ENGINE_DTYPE = torch.bfloat16  # the engine's; the trainer keeps float32, converted on send
 TOLERANCE = 1e-4  # the engine's logits vs one process's: the same math, sums in another order
-PROMPT = [34, 176, 211, 56, 165, 25, 22, 141, 79, 232, 23, 112, 146, 190, 204, 15]  # every expert
+PROMPT = [152, 144, 40, 34, 89, 73, 136, 150, 135, 158, 243, 192, 79, 24, 185, 46]  # every expert
 
 
 def labels(spans, layer=0):
@@ -177,7 +178,7 @@ def main():
 def run(ctx, world, plans, regroups):
     group, tp_rank = rs.engine_world(world, ctx.device)
     groups = rg.expert_world(world)
-    hf = {seed: make_moe_weights(SHAPE, seed) for seed in (SEED_A, SEED_B)}
+    hf = {seed: make_moe_weights(SHAPE, seed) for seed in (SEED_A, SEED_B, SEED_C)}
     engine, mine = None, {}
     if world.is_trainer(ctx.rank):  # both models as this trainer rank holds them, float32
         for seed, full in hf.items():
@@ -188,7 +189,8 @@ def run(ctx, world, plans, regroups):
         live = {n: w.to(ctx.device, ENGINE_DTYPE) for n, w in live.items()}
         engine = rs.Engine(SHAPE, tp_rank, world.engine_tp, live, group, world.experts_by)
     print0("regroup      ms   moved out   extra memory   update ms   engine ranks fed by each")
-    for how, seed in zip(regroups, (SEED_B, SEED_A, SEED_B)):  # each update changes the model
+    # each update changes the model, never to what staging still holds (the one before last)
+    for how, seed in zip(regroups, (SEED_B, SEED_C, SEED_A)):
         sources, plan = plans[how]
         weights, regrouped = mine.get(seed), rs.Moved(0.0, 0, 0, 0)
         if weights is not None and how != "none":
@@ -204,7 +206,8 @@ def run(ctx, world, plans, regroups):
                f"{', '.join(str(fed[t]) for t in range(world.trainers))}")  # fmt: skip
         assert gap(engine, hf[seed], ctx, world) < TOLERANCE  # float32 math, TP sums reordered
     print0("checked: the prompt routes tokens to every expert of every layer")
-    print0("checked: after each (B, A, B) the engine's logits equal one process's MoE forward")
+    print0(f"checked: after each of {len(regroups)} updates (each a new model) the engine's "
+           "logits at every position equal one process's MoE forward")  # fmt: skip
     ep = max(world.ep, 2)  # with one EP rank the bug is a no-op: pretend two
     wrong = {r: wrong_order(s, ep) for r, s in plans["none"][0].items()}
     plan = rs.plan_transfers(wrong, rs.engine_spans(SHAPE, world))
@@ -224,15 +227,17 @@ def update(plan, world, ctx, weights, engine, sources):
 
 
 def gap(engine, hf, ctx, world):
-    """How far the engine's logits after PROMPT are from one process's MoE forward of `hf` (in
-    bf16), on a prompt that routes tokens to every expert: the largest difference, on all ranks."""
+    """How far the engine's logits at every position of PROMPT are from one process's MoE
+    forward of `hf` (in bf16): every position, so every token's experts count, in the last layer
+    too; the largest difference over every engine rank (every replica), on all ranks."""
     diff = torch.zeros(1, dtype=torch.float64, device=ctx.device)
     if engine is not None:
         in_bf16 = {k: v.to(ENGINE_DTYPE) for k, v in hf.items()}
         missed = experts_missed(in_bf16, SHAPE, PROMPT)
         assert not missed, f"the prompt misses {missed[:3]}: the check could not see them"
-        diff[0] = (engine.logits(PROMPT).cpu() - forward(in_bf16, SHAPE, PROMPT)).abs().max()
-    dist.broadcast(diff, src=world.trainers)
+        mine = engine.logits(PROMPT, every_position=True).cpu()
+        diff[0] = (mine - forward(in_bf16, SHAPE, PROMPT, every_position=True)).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)  # trainers add 0
     return diff.item()
 
 

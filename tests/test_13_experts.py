@@ -67,6 +67,6 @@ def test_benchmark_prints_the_table(tmp_path):
     assert result.returncode == 0, out
     for line in ("| none |", "| all_to_all |", "| all_gather |"):
         assert line in out, out
-    assert "checked: every update committed, and the engine's logits equal" in out, out
+    assert "checked: every update committed; after each, every engine tensor equals" in out, out
     assert (tmp_path / "13_experts_gloo.md").stat().st_size > 0
     assert (tmp_path / "13_experts_flows.png").stat().st_size > 0

@@ -147,8 +147,10 @@ def forward(
     tp_group: Group | None = None,
     experts_by: str = "tp",
     hits: list | None = None,
+    every_position: bool = False,
 ) -> torch.Tensor:
-    """Logits of the last position after `tokens`, float32, by one engine rank holding
+    """Logits of the last position after `tokens` (every_position: of each), float32, by one
+    engine rank holding
     vllm_layout.py's shards (experts by TP or EP): model.py's forward with this MLP. Full HF
     weights at tp_size 1: the single-process reference, whose MLP reads HF's per-expert
     tensors (hf_moe); `hits` then collects each layer's [tokens, experts] routing mask."""
@@ -159,7 +161,8 @@ def forward(
             return hf_moe(h, lambda name: weights[name].float(), p, shape, hits)
         return engine_moe(h, w, p, shape, tp_rank, tp_size, experts_by)
 
-    return llama_forward(weights, shape, tokens, tp_rank, tp_size, tp_group, mlp=mlp)
+    args = (weights, shape, tokens, tp_rank, tp_size, tp_group, every_position)
+    return llama_forward(*args, mlp=mlp)
 
 
 def experts_missed(hf: Weights, shape: MoeShape, tokens: Sequence[int]) -> list[str]:

@@ -32,6 +32,8 @@ from weight_sync.reshard import (
 )
 from weight_sync.vllm_layout import Span, hf_specs, vllm_spans
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single and warns at the old name
+ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 REGROUPS = ("all_to_all", "all_gather")
 
 
@@ -149,8 +151,8 @@ def regroup(how, shape, world, rank, weights, groups, device):
             ("gathered", rank), numel * world.ep, some
         )  # my part packed in place
         torch.cat([weights[n].reshape(-1) for n in experts], out=gathered.chunk(world.ep)[me])
-        dist.all_gather(list(gathered.chunk(world.ep)), gathered.chunk(world.ep)[me],
-                        group=groups["ep"])  # fmt: skip
+        # Into one tensor, in place: the list form stages a flat copy of the whole output
+        ALL_GATHER_SINGLE(gathered, gathered.chunk(world.ep)[me], group=groups["ep"])
         local, at = shape.experts // world.ep, 0
         for b in range(world.ep):  # EP rank b's local expert k is expert b * local + k
             for n in experts:

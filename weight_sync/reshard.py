@@ -445,13 +445,14 @@ class Engine:
         self.live, self.version = weights, 0
         self.staging = {n: torch.empty_like(w) for n, w in weights.items()}
 
-    def logits(self, tokens):
+    def logits(self, tokens, every_position: bool = False):
         from weight_sync import model, moe
 
+        tp = (self.tp_rank, self.tp_size, self.group)
         if is_moe(self.shape):
-            args = (self.tp_rank, self.tp_size, self.group, self.experts_by)
-            return moe.forward(self.live, self.shape, tokens, *args)
-        return model.forward(self.live, self.shape, tokens, self.tp_rank, self.tp_size, self.group)
+            return moe.forward(self.live, self.shape, tokens, *tp, self.experts_by,
+                               every_position=every_position)  # fmt: skip
+        return model.forward(self.live, self.shape, tokens, *tp, every_position)
 
 
 class Result(NamedTuple):
