@@ -132,6 +132,21 @@ def policies(engine):
     return scenario("policies", engine)
 
 
+@pytest.fixture(scope="module")
+def bad_requests(engine, policies):
+    return scenario("bad", engine)
+
+
+@pytest.mark.parametrize(
+    "what", ["no tokens", "no new tokens", "a token past the vocabulary", "then a good one"]
+)
+def test_bad_requests_are_refused_and_the_engine_goes_on(bad_requests, what):
+    """A prompt of no tokens failed inside a step, and a request for no tokens never finished:
+    either stopped generation for everyone. Each is refused with a reason, at once."""
+    out, results = bad_requests
+    assert results[what].startswith("ok"), out
+
+
 def test_trainer_killed_mid_update_engine_keeps_serving(engine, policies):
     """A trainer SIGKILLed after two buckets: the update fails on every engine rank after the
     engine's timeout, generation never stops (no gap between steps near that long), every
@@ -238,6 +253,23 @@ def run_dies(port_file):
     client.shutdown()
 
 
+def run_bad(port_file):
+    """Requests the engine must refuse, each with its reason, then a good one it must serve."""
+    client = connect(port_file)
+    asks = {
+        "no tokens": ([], 4),
+        "no new tokens": ([5, 17], 0),
+        "a token past the vocabulary": ([5, 10**6], 4),
+    }
+    for what, (prompt, max_new) in asks.items():
+        reply = client.response(client.generate(prompt, max_new))
+        ok = reply["status"] == "refused" and reply["why"]
+        report(what, f"ok: {reply['why']}" if ok else f"FAILED: {reply}")
+    reply = client.response(client.generate([5, 17, 42], 3))
+    ok = reply["status"] == "ok" and len(reply["tokens"]) == 3
+    report("then a good one", "ok" if ok else f"FAILED: {reply}")
+
+
 def run_die(port_file):
     """The trainer that dies: SIGKILL after two buckets of an update."""
     import weight_sync as ws
@@ -254,4 +286,5 @@ if __name__ == "__main__":
         with contextlib.suppress(Exception):
             connect(port_file).shutdown()
         raise SystemExit(0)
-    {"policies": run_policies, "dies": run_dies, "die": run_die}[what](port_file)
+    scenarios = {"policies": run_policies, "bad": run_bad, "dies": run_dies, "die": run_die}
+    scenarios[what](port_file)

@@ -180,6 +180,24 @@ def push_update(group, plan, weights):
     return table
 
 
+def request_problem(asked: Any, vocab: int) -> str | None:
+    """What is wrong with a request, said to its client (None: nothing). A prompt of no tokens
+    fails inside a step, and a request for no tokens never finishes: either would stop the
+    engine for everyone, so neither gets in."""
+    if not isinstance(asked, dict):
+        return f"a request is a JSON object with prompt and max_new, not {type(asked).__name__}"
+    prompt, max_new = asked.get("prompt"), asked.get("max_new")
+    if not isinstance(prompt, list) or not prompt:
+        return "prompt: give a list of at least one token id"
+    if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+        return f"prompt: token ids are whole numbers from 0 to {vocab - 1}"
+    if not isinstance(max_new, int) or max_new < 1:
+        return f"max_new {max_new!r}: ask for at least 1 new token"
+    if not isinstance(asked.get("min_version", 0), int):
+        return f"min_version {asked['min_version']!r}: a whole number"
+    return None
+
+
 class Request:
     """A request on engine rank 0: what it asked for, its tokens so far and their versions."""
 
@@ -213,7 +231,8 @@ class LiveEngine(Engine):
         self.caches = {}  # ranks > 0: the KV cache of each request in the batch
         self.cond = threading.Condition()  # wakes the scheduler, and a drain, and rank > 0's commit
         self.draining = self.done = False
-        self.last_step_end = 0.0  # rank 0: when the latest step ended
+        self.broken = None  # why generation stopped, if a step failed: no commit after that
+        self.last_step_end = 0.0  # when the latest step ended
         self.timeline = {"steps": [], "commits": []}  # (start, end, ...) for pictures
         self.served = collections.Counter()  # request id -> replies sent (must be 1)
 
@@ -233,8 +252,9 @@ class LiveEngine(Engine):
 
     def op_serving_stats(self, clear: bool = False) -> dict[str, Any]:
         """The timeline so far (steps and commits, monotonic seconds) and requests served twice."""
-        out = {**self.timeline, "twice": [r for r, n in self.served.items() if n > 1]}
-        out["served"] = len(self.served)
+        with self.reply_mutex:  # the scheduler adds to it meanwhile
+            out = {**self.timeline, "twice": [r for r, n in self.served.items() if n > 1]}
+            out["served"] = len(self.served)
         if clear:
             self.timeline = {"steps": [], "commits": []}
         return out
@@ -274,7 +294,9 @@ class LiveEngine(Engine):
                 FastPath._commit(self)  # keep: caches tagged v-1 are rebuilt at the next step
                 done = time.monotonic()
         finally:
-            self.draining = False  # admit again, even if the commit failed
+            with self.cond:
+                self.draining = False  # admit again, even if the commit failed
+                self.cond.notify_all()
         # the waiting style's own cost: from the last step's end (or the ask) to holding the lock
         handoff = locked - max(asked, self.last_step_end)
         self.last_commit = {
@@ -323,14 +345,31 @@ class LiveEngine(Engine):
         try:
             super().serve(idle_s)
         finally:
-            with self.cond:
+            if self.tp_rank == 0:  # the puller's last request: it queues every one before it
+                self.replies.set(f"gen/{self.replies.add('gen_seq', 1)}", '{"stop": true}')
+                threads[1].join(self.timeout_s)
+            with self.cond:  # then the scheduler answers whatever is left, and stops
                 self.done = True
                 self.cond.notify_all()
-            if self.tp_rank == 0:  # the puller's last request
-                self.replies.set(f"gen/{self.replies.add('gen_seq', 1)}", '{"stop": true}')
             for thread in threads:
                 thread.join(self.timeout_s)
             self.steps.close()
+
+    def _wait_for(self, key: str, idle_s: float) -> bool:
+        """A control request; idle only after idle_s with neither one nor generation."""
+        while not super()._wait_for(key, idle_s):
+            busy = self.queue or self.active or time.monotonic() - self.last_step_end < idle_s
+            if not busy:
+                return False
+        return True
+
+    def _verify(self, *received) -> str | None:
+        """FastPath's checks, and one more: generation still runs on this rank. A step that
+        failed leaves the TP ranks out of step; no rank may commit after it."""
+        problem = super()._verify(*received)
+        if self.broken:
+            return problem or f"generation stopped on engine rank {self.tp_rank}: {self.broken}"
+        return problem
 
     def _pull_requests(self) -> None:
         """Rank 0: move requests from the store into the queue as soon as they arrive, until
@@ -342,8 +381,13 @@ class LiveEngine(Engine):
                 with contextlib.suppress(RuntimeError):  # a quiet day: look again
                     store.wait([key], seconds(86400))
             asked = json.loads(store.get(key))
-            if "stop" in asked:
+            if isinstance(asked, dict) and "stop" in asked:
                 break
+            problem = request_problem(asked, self.shape.vocab)
+            if problem or self.broken:  # answered at once, and never queued
+                why = problem or f"generation stopped: {self.broken}"
+                self._send_reply(number, {"status": "refused", "why": why, "tokens": []})
+                continue
             with self.cond:
                 self.queue.append(Request(number, asked))
                 self.cond.notify_all()
@@ -351,8 +395,14 @@ class LiveEngine(Engine):
     def _steps_loop(self) -> None:
         try:
             self._schedule() if self.tp_rank == 0 else self._follow()
-        except Exception as err:  # a step that fails ends serving, said once
-            self.log(f"generation stopped: {type(err).__name__}: {err}")
+        except Exception as err:  # a step that fails ends generation, said once; no commit now
+            self.broken = f"{type(err).__name__}: {err}"
+            self.log(f"generation stopped: {self.broken}")
+            with self.cond:
+                left = [*self.queue, *self.active.values()]
+                self.queue.clear()
+            for request in left:  # none is left without a reply
+                self._reply(request, "error", f"generation stopped: {self.broken}")
 
     def _admissible(self):
         return [r for r in self.queue if r.min_version <= self.version and not self.draining]
@@ -402,7 +452,7 @@ class LiveEngine(Engine):
             r.tokens.append(token)
             r.versions.append(self.version)
             r.times.append(end)
-            if len(r.tokens) == r.max_new:
+            if len(r.tokens) >= r.max_new:
                 self._reply(r, "ok")
         self.timeline["steps"].append((start, end, self.version, len(batch)))
         self.last_step_end = time.monotonic()  # the lock is let go right after
@@ -419,9 +469,12 @@ class LiveEngine(Engine):
             "times": request.times,
             "admitted": request.admitted,
         }
+        self._send_reply(request.rid, reply)
+
+    def _send_reply(self, rid: int, reply: dict) -> None:
         with self.reply_mutex:
-            self.served[request.rid] += 1
-            self.replies.set(f"gen_rep/{request.rid}", json.dumps(reply))
+            self.served[rid] += 1
+            self.replies.set(f"gen_rep/{rid}", json.dumps({"rid": rid, **reply}))
 
     def _follow(self) -> None:
         """Ranks > 0: compute what rank 0 sends, swap when it says so, until it says stop."""
@@ -451,6 +504,7 @@ class LiveEngine(Engine):
                     self.tp_size,
                     self.steps,
                 )
+            self.last_step_end = time.monotonic()
 
 
 def send_step(group, message: dict) -> None:

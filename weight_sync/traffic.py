@@ -88,7 +88,8 @@ class Load(threading.Thread):
             except Exception as err:
                 self.errors.append(f"request {rid}: {type(err).__name__}: {err}")
                 continue
-            reply["rid"] = rid
+            if reply.get("rid") != rid:  # the engine names the request it answers
+                self.errors.append(f"request {rid}: its reply says it answers {reply.get('rid')}")
             if reply["status"] == "aborted":
                 self.aborted.append((prompt, reply, sent, time.monotonic()))
                 self.send(prompt)
