@@ -158,7 +158,7 @@ def overlap_ddp(model, log):
     model.grad_accs = grad_accs  # keep the nodes as long as the model (see lost_hook)
 
     def finish():
-        # No gradient (a parameter outside the loss): no hook, no all_reduce. Stop, as DDP does.
+        # No gradient (outside the loss): no hook, no all_reduce. Stop (DDP does, a step later).
         if missing := [name for name, _ in model.named_parameters() if name not in dict(pending)]:
             raise RuntimeError(f"no gradient for {missing}: make every rank's loss use them")
         for _, work in pending:

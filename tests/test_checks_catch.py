@@ -37,6 +37,8 @@ SKIPS = {
         "all_gather, no all_reduce or broadcast": "dist.all_reduce 1, dist.broadcast 0",
     },
     "05_hooks_skips.py": {"one async all_reduce per bucket": "by step: [8, 8]"},
+    "05_hooks_at_the_end.py": {"overlaps backward": "started after bucket 1's first gradient"},
+    "05_hooks_waits.py": {"overlaps backward": "wait() before backward returned"},
     "05_hooks_unused.py": {
         "finish() when a parameter got no gradient": "finish() returned, though ['aux_head.weight'"
     },

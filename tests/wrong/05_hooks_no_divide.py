@@ -43,8 +43,8 @@ def bucketed_ddp(model, bucket_bytes: int, log):
     def finish():
         # A parameter outside the loss gets no gradient and fires no hook: its bucket never
         # launches, nor does any later one (they go in order), and the ranks would drift apart
-        # without a word. torch's DDP stops here too (unless find_unused_parameters=True, which
-        # looks for such parameters after forward and all_reduces their buckets regardless).
+        # without a word. torch's DDP stops too, at the next forward (unless
+        # find_unused_parameters=True, which finds them after forward and reduces regardless).
         missing = [name for bucket in buckets for name, _ in bucket if name not in fired]
         if missing:
             raise RuntimeError(
