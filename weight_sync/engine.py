@@ -145,7 +145,7 @@ class Engine(FastPath):
         for e in self.layout.entries:
             for span in e.spans:
                 self.hf_spans.setdefault(span.hf_name, []).append(span)
-        self.live = self.staging = self.weights = self.staged = self.wire = None  # free it first
+        self.live = self.staging = self.weights = self.staged = None  # free them first
         self.plans.clear()
         self.live, self.weights = self.layout.allocate(self.device)
         self.staging, self.staged = self.layout.allocate(self.device)  # staged: its views

@@ -72,7 +72,7 @@ class FastPath:
             [at + i for b, at in positions for i in range(len(b.pieces))], device=self.device
         )
         self.plans[group_name] = plan
-        self.wire = (
+        plan.wire_buffer = (  # each plan its own: another group's prepare must not take it
             torch.empty(plan.wire.size, dtype=torch.uint8, device=self.device)
             if plan.slices_after_broadcast
             else None
@@ -188,12 +188,13 @@ class FastPath:
         table = torch.empty(plan.n_sums, dtype=torch.int64, device=device)
         clock = Clock(device)
         if plan.slices_after_broadcast:  # every wire bucket, then cut this rank's shard out
-            works = [group.broadcast(self.wire[b.start : b.end], 0) for b in plan.buckets]
+            wire = plan.wire_buffer
+            works = [group.broadcast(wire[b.start : b.end], 0) for b in plan.buckets]
             works.append(group.broadcast(table, 0))
             for work in works:
                 work.wait()
             clock.mark()
-            lay_out_shards(self.layout, plan.wire.views(self.wire), self.staging)
+            lay_out_shards(self.layout, plan.wire.views(wire), self.staging)
             sums = [checksum_pieces(b, self.staging[b.start : b.end]) for b, _ in positions]
         else:  # straight into staging: its layout is the wire's
             mine = [b for b in plan.buckets if b.dst in (None, 1 + r)]

@@ -139,6 +139,8 @@ class FastUpdater:
 
     def update(self) -> list[Any]:
         """Push the trainer's weights; returns every engine rank's answer (new version, times)."""
+        if getattr(self, "plan", None) is None:
+            raise RuntimeError("FastUpdater.update() before prepare(): call prepare() once first")
         for name, full, _ in self.plan.specs:  # refuse here, before a byte moves
             if tuple(self.weights[name].shape) != full:
                 raise ValueError(
