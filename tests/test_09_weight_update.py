@@ -251,6 +251,27 @@ def test_bytes_on_the_wire_and_the_packed_bytes():
     assert received["broadcast"] == tp * plan.wire.size > received["shard"]
 
 
+def test_a_flat_trainer_is_sent_zero_copy_until_a_tensor_is_replaced():
+    """Plan.flat_source: weights that are views of one buffer laid out as the wire are sent
+    from it; once a tensor in the middle is replaced by another (a new allocation), they are
+    not, and the bytes sent are the new tensor's (a cache keyed on the ends missed that)."""
+    import torch
+
+    from weight_sync.model import PRESETS, make_weights
+    from weight_sync.plan import Layout, Plan
+
+    shape = PRESETS["tiny"]
+    layout = Layout.vllm(shape, torch.bfloat16, 0, 1)
+    flat = torch.zeros(layout.size, dtype=torch.uint8)
+    weights = make_weights(shape, 2, "cpu", into=layout.hf_views(flat))
+    plan = Plan(shape, torch.bfloat16, 1, 16384, "shard")
+    assert plan.flat_source(weights) is not None
+    assert plan.flat_source(weights).data_ptr() == flat.data_ptr()
+    middle = list(weights)[len(weights) // 2]
+    weights[middle] = weights[middle].clone()
+    assert plan.flat_source(weights) is None
+
+
 def test_benchmark_prints_the_table_and_saves_the_chart(tmp_path):
     result = run_ranks(
         ROOT / "benchmarks" / "weight_update.py",
