@@ -105,9 +105,13 @@ class FastPath:
             times["data_in"] = times["verified"] - clock()  # when the last byte had arrived
         except Exception as err:  # the trainer died, a peer vanished, a timeout
             problem, broken = f"the transfer failed ({type(err).__name__}: {err})", True
-        if not self._all_agree(problem is None):  # TP ranks commit together or not at all
+        # TP ranks commit together or not at all, and drop a broken group together: the vote is
+        # the least of 2 (take it), 1 (refuse it), 0 (refuse it, the group is broken)
+        vote = self._least(0 if broken else 1 if problem else 2)
+        if vote < 2:
             problem = problem or "another engine rank could not take it (its answer says why)"
-            if broken:  # the group's connections are gone: it cannot carry another update
+            broken = vote == 0
+            if broken:  # the group's connections are gone on some rank: it cannot carry another
                 group.close()
                 del self.groups[group_name]
                 self.plans.pop(group_name, None)
@@ -168,16 +172,16 @@ class FastPath:
             )
         return None
 
-    def _all_agree(self, ok):
-        """True if every engine rank says ok (a rank that does not answer says no)."""
+    def _least(self, value: int) -> int:
+        """The least of every engine rank's value (a rank that does not answer: 0)."""
         if self.tp_size == 1:
-            return ok
-        vote = torch.tensor([1.0 if ok else 0.0], device=self.device)
+            return value
+        vote = torch.tensor([float(value)], device=self.device)
         try:
             self.tp.all_reduce(vote, dist.ReduceOp.MIN).wait()
         except Exception:
-            return False
-        return vote.item() == 1.0
+            return 0
+        return int(vote.item())
 
     # --8<-- [start:receive]
     def _receive(self, group, plan):
