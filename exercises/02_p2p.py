@@ -25,8 +25,10 @@ OTHERS = [  # the functions that are not one message to one peer: collectives, p
         *("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "gather"),
         *("reduce_scatter", "reduce_scatter_tensor", "scatter", "all_to_all", "all_to_all_single"),
         *("send_object_list", "recv_object_list", "broadcast_object_list", "all_gather_object"),
+        *("all_gather_single", "reduce_scatter_single", "gather_object", "scatter_object_list"),
+        *("all_reduce_coalesced", "all_gather_coalesced"),
     )
-    if hasattr(dist, name)  # all of them in torch 2.11 and 2.13; checked all the same
+    if hasattr(dist, name)  # the newer names only where this torch has them
 ]
 
 
@@ -124,10 +126,19 @@ def check_send_recv(ctx, send_tensor, recv_tensor):
         # Bad: send_tensor must refuse these two, and both sides raise ValueError.
         "complex64": torch.zeros(2, dtype=torch.complex64),
         "9-D": torch.zeros((1,) * 9),
-        # Bad: the check sends a payload where a header belongs; recv_tensor must refuse it.
+        # Bad: the check sends these where a header belongs; recv_tensor must refuse each.
         "not a header": None,
+        "a header with dtype code 99": None,
+        "a header with 9 dims": None,
+        "a header with a size of -1": None,
     }
-    bad = ("complex64", "9-D", "not a header")
+    forged = {  # what the check sends for those, one int64 message of HEADER's length
+        "not a header": list(range(len(HEADER))),
+        "a header with dtype code 99": [TENSOR, 99, 1, 2],
+        "a header with 9 dims": [TENSOR, 0, MAX_NDIM + 1, *[1] * MAX_NDIM],
+        "a header with a size of -1": [TENSOR, 0, 2, 3, -1],
+    }
+    bad = ("complex64", "9-D", *forged)
     # Every rank first makes every group, in one order: a pair group per case, so that a case
     # that goes wrong leaves nothing behind for the next (and its 10 s timeout ends a wait for a
     # payload never sent), and a pair group to wait for each other in between.
@@ -149,7 +160,8 @@ def check_send_recv(ctx, send_tensor, recv_tensor):
                 if not sending:
                     result = recv_tensor(partner, ctx.device, group)
                 elif tensor is None:
-                    payload = torch.arange(len(HEADER), device=ctx.device)
+                    payload = torch.zeros(len(HEADER), dtype=torch.int64, device=ctx.device)
+                    payload[: len(forged[name])] = torch.tensor(forged[name])
                     result = dist.send(payload, partner, group)
                 else:
                     result = send_tensor(tensor.to(ctx.device), partner, group)
@@ -226,6 +238,15 @@ def ring(rank, world_size, numel, messages, others):
         return (
             f"no: it sent {sent} numbers; a ring all-reduce sends one chunk (at most {chunk} "
             f"numbers) per step, 2 x {world_size - 1} steps: {most} at most"
+        )
+    sends, recvs = (sum(k == kind for k, _, _ in messages) for kind in ("send", "recv"))
+    least = 2 * (numel - chunk)  # every chunk but one goes round, twice
+    steps = 2 * (world_size - 1)
+    if world_size > 1 and (sends != steps or recvs != steps or sent < least):
+        return (
+            f"no: it sent {sends} messages ({sent} numbers) to rank {right} and received {recvs} "
+            f"from rank {left}; a ring all-reduce takes 2 x {world_size - 1} steps, one chunk "
+            f"sent and one received in each ({least} numbers at least)"
         )
     return True
 

@@ -23,6 +23,11 @@ def watching(*names):
     )
 
 
+# (isend and irecv are not watched: P2POp accepts only the real functions; batch_isend_irecv is)
+NOT_GATHER = ("all_reduce", "broadcast", "send", "recv", "batch_isend_irecv")
+GATHER = ("all_gather", "all_gather_into_tensor", "all_gather_single")
+
+
 def check_shard_rows(ctx, shard_rows, unshard_rows):
     """Shard a [4n, 6] tensor from the last rank, reassemble it; check the data, the bytes, and
     that scatter did the sharding and all_gather the way back."""
@@ -39,12 +44,19 @@ def check_shard_rows(ctx, shard_rows, unshard_rows):
         "fills `piece` with one scatter: each rank receives its own rows, never the whole tensor"
     )
     # The way back starts from the right piece, whatever yours was: each function on its own.
-    with watching("all_reduce", "broadcast"):
+    # One all_gather (any of its forms, the lesson's ALL_GATHER_SINGLE too), and nothing else.
+    names = [n for n in (*NOT_GATHER, *GATHER) if hasattr(dist, n)]
+    mine = unshard_rows.__globals__  # the lesson's namespace, where the learner's code runs
+    alias = mine.get("ALL_GATHER_SINGLE")
+    with watching(*names), mock.patch.dict(mine, ALL_GATHER_SINGLE=mock.Mock(wraps=alias)):
         back = unshard_rows(full.chunk(n)[rank].clone().to(ctx.device))
-        calls = {name: getattr(dist, name).call_count for name in ("all_reduce", "broadcast")}
-    gathered = not any(calls.values()) or (
-        f"no: calls made: {', '.join(f'dist.{k} {v}' for k, v in calls.items())}; the way back "
-        "is all_gather: each rank sends its own rows, and nothing is added up"
+        calls = {name: getattr(dist, name).call_count for name in names}
+        calls["ALL_GATHER_SINGLE"] = mine["ALL_GATHER_SINGLE"].call_count if alias else 0
+    gathers = sum(calls.pop(name, 0) for name in (*GATHER, "ALL_GATHER_SINGLE"))
+    shown = [f"dist.{k} {v}" for k, v in calls.items() if v or k in NOT_GATHER[:2]]
+    gathered = (gathers == 1 and not any(calls.values())) or (
+        f"no: calls made: {', '.join(shown)}, all_gather {gathers}; the way back is one "
+        "all_gather: each rank sends its own rows, and nothing is added up"
     )
     held = lesson.held_bytes([piece]) if isinstance(piece, torch.Tensor) else "not a tensor"
     yours = {"piece": piece, "bytes behind the piece": held, "one scatter": one_scatter}
