@@ -386,7 +386,8 @@ class LiveEngine(Engine):
             problem = request_problem(asked, self.shape.vocab)
             if problem or self.broken:  # answered at once, and never queued
                 why = problem or f"generation stopped: {self.broken}"
-                self._send_reply(number, {"status": "refused", "why": why, "tokens": []})
+                empty = {"tokens": [], "versions": [], "times": [], "admitted": None}
+                self._send_reply(number, {"status": "refused", "why": why, **empty})
                 continue
             with self.cond:
                 self.queue.append(Request(number, asked))
