@@ -105,7 +105,7 @@ def launch(
             leftovers = kill_all(run)  # e.g. a child a rank started and never ended
         failed = thread.failure
         stuck = where_stuck(run)
-        said = [_failure_line(failed, run, lost)] if failed and not timed_out else []
+        said = [failure_line(failed, run, lost)] if failed and not timed_out else []
         lines = _rank_order(run, nproc) + said
     if stuck and timed_out:
         stuck.insert(0, f"stopped after {timeout:.0f} s; where each rank was:")
@@ -142,7 +142,7 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         elif stuck:
             stuck.insert(0, "the launcher stopped the other ranks; where they were:")
         if thread.failure and done:
-            stuck.insert(0, _failure_line(thread.failure, run))
+            stuck.insert(0, failure_line(thread.failure, run))
         if stuck:
             print("\n".join(stuck), file=sys.stderr, flush=True)
     return 0 if done and not thread.failure else 1
@@ -347,7 +347,7 @@ def _fatal_said(rank: int, lines: list[str]) -> list[str]:
     return [*said, f"[rank{rank}]: {lines[fatal[0]]}, {where}"]
 
 
-def _failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
+def failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
     """Which rank failed first, how, and what happened to the others, in one line."""
     if -1 in failures:
         return f"launcher: the elastic agent failed: {failures[-1]}"

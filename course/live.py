@@ -69,6 +69,7 @@ class Ranks:
         key = os.urandom(16)  # a rank proves it knows it (HMAC) before it is listened to
         listener = Listener(("127.0.0.1", 0), authkey=key)
         self.folder, self.read = tempfile.mkdtemp(prefix="course-live-"), [0] * self.nproc
+        self.failed = None  # how the run ended, if a rank left: the launcher's one line
         host, port = listener.address
         env = {"COURSE_LIVE": f"{host}:{port}:{key.hex()}:{os.getpid()}"}
         self.agent = launcher.start_agent(
@@ -120,7 +121,8 @@ class Ranks:
             said = [self._output(on), *self._stop_showing_stacks(replies)]
             print("\n".join(filter(None, said)))
             why = str(err) if isinstance(err, TimeoutError) else "interrupted"
-            why = "a rank left" if isinstance(err, (EOFError, BrokenPipeError)) else why
+            if isinstance(err, (EOFError, BrokenPipeError)):  # which rank, and how: the agent knows
+                why = f"a rank left ({self.failed})" if self.failed else "a rank left"
             raise RanksFailed(
                 f"{why}: every rank was stopped; ranks.restart() starts fresh ones and runs "
                 f"again the {_cells(len(self.ran))} that had run"
@@ -147,6 +149,8 @@ class Ranks:
     def _stop_showing_stacks(self, replies) -> list[str]:
         launcher.stop(self.agent, self.folder)  # SIGTERM: each rank writes its stack, then ends
         stuck = launcher.where_stuck(self.folder)
+        failure = self.agent.failure
+        self.failed = launcher.failure_line(failure, self.folder) if failure else None
         shown = [line for line in stuck if int(line.split("]")[0][6:]) not in replies]
         done = [f"[rank {r}] had finished the cell" for r in sorted(replies)]
         self.stop()

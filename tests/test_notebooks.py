@@ -140,6 +140,21 @@ def test_live_ranks_keep_state_run_on_some_ranks_and_show_a_hang_then_restart(tm
     assert len(list(tmp_path.iterdir())) == 6 and not live_ranks(tmp_path)  # stop() ended them
 
 
+def test_a_rank_that_dies_in_a_cell_is_named_with_its_exit_code(tmp_path):
+    """A rank that leaves mid-cell (an abort in torch's C++ looks like this): the cell fails
+    naming which rank left and how, in the error itself, where a notebook test's log shows it."""
+    cells = [
+        LIVE,
+        JOIN.format(folder=str(tmp_path)),
+        "%%ranks\nif dist.get_rank() == 1:\n    os.abort()\ndist.all_reduce(x)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    said = outputs(nb.cells[2])
+    assert "RanksFailed: a rank left (launcher: rank 1 failed first (exit code -6)" in said, said
+    assert len(list(tmp_path.iterdir())) == 3 and not live_ranks(tmp_path)
+
+
 def test_an_interrupt_stops_a_hanging_cell_and_its_ranks(tmp_path):
     """The kernel's interrupt (here nbclient's, at its cell timeout) ends a cell that hangs:
     each rank's stack is shown, no rank is left."""
