@@ -3,12 +3,14 @@
     python -m lessons.check 00                # lesson 00's exercises as in lessons/00_hello.py
     python -m lessons.check 00.1 --solution   # the reference solution, solutions/00_hello.py
     python -m lessons.check 00.1 --file mine.py
-    check("00.1", mean_over_ranks)            # in a notebook: your function, on 4 ranks
+    check("00.1", mean_over_ranks)            # in a notebook: your function
 
 The stubs you fill in are in the lesson; their checks are in exercises/NN_topic.py, which lists
 them as EXERCISES = {id: (check function, names of the functions you write)}. A check runs on
 every rank, calls your functions and returns (yours, expected); expected comes from a
-single-process computation, never from collectives. Your code runs in the lesson's namespace,
+single-process computation, never from collectives. A check runs on 4 ranks, then on the other
+world sizes its file names in WORLD_SIZES (lessons 00-08: 3 or 2), so that an answer written for
+4 ranks only fails. Your code runs in the lesson's namespace,
 so torch, dist and the lesson's helpers are in scope. Each rank writes its verdicts as JSON
 into a folder of the run; the runner reads them back from there, not from what was printed.
 """
@@ -50,13 +52,26 @@ def solution_file(exercise: str) -> Path:
     return SOLUTIONS / lesson_file(exercise).name
 
 
-def exercises_of(lesson: str) -> list[str]:
-    """The exercise ids of a lesson, read without importing anything (no torch in the kernel)."""
+def _assigned(lesson: str, name: str) -> object:
+    """A literal assigned to `name` in exercises/NN_topic.py, read without importing anything
+    (the notebook kernel that launches checks never imports torch); None if there is none."""
     path = exercise_file(lesson)
     for node in ast.parse(path.read_text()).body if path.is_file() else []:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "EXERCISES":
-            return [key.value for key in node.value.keys]
-    return []
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name:
+            if name == "EXERCISES":  # its values name functions: only its keys are literals
+                return [key.value for key in node.value.keys]
+            return ast.literal_eval(node.value)
+    return None
+
+
+def exercises_of(lesson: str) -> list[str]:
+    """The exercise ids of a lesson, in order."""
+    return _assigned(lesson, "EXERCISES") or []
+
+
+def world_sizes_of(lesson: str) -> tuple[int, ...]:
+    """The world sizes a lesson's checks run on, in order: its WORLD_SIZES, else only 4."""
+    return tuple(_assigned(lesson, "WORLD_SIZES") or (4,))
 
 
 def load(path: Path) -> ModuleType:
@@ -264,16 +279,10 @@ def _worker(exercises: list[str], source: str | None, verdicts: Path) -> None:
     raise SystemExit(0 if all(v["verdict"] == "pass" for v in said.values()) else 1)
 
 
-def run_check(
-    exercises: list[str],
-    source: str | Path | None = None,
-    nproc: int = 4,
-    timeout: float = TIMEOUT_S,
-    via: str = "forkserver",
+def _run_at(
+    exercises: list[str], source: str | Path | None, nproc: int, timeout: float, via: str
 ) -> tuple[dict[str, str], list[str]]:
-    """Check exercises (ids of one lesson) on `nproc` ranks in one run. `source`: a file with
-    your function(s), or None for the lesson's own. Returns ({id: status}, report lines); status
-    is "pass", "mismatch", "not attempted" or "error" (crashed, hung, or a rank said nothing)."""
+    """One run of the checks on `nproc` ranks: ({id: status}, report lines)."""
     with tempfile.TemporaryDirectory(prefix="course-verdicts-") as folder:
         args = ["--worker", ",".join(exercises), "--verdicts", folder]
         if source:
@@ -301,14 +310,42 @@ def run_check(
     return status, lines
 
 
-def report(status: dict[str, str], lines: list[str], nproc: int) -> None:
+def run_check(
+    exercises: list[str],
+    source: str | Path | None = None,
+    nproc: int | None = None,
+    timeout: float = TIMEOUT_S,
+    via: str = "forkserver",
+) -> tuple[dict[str, str], list[str]]:
+    """Check exercises (ids of one lesson): one run on `nproc` ranks, or, if None, one on each
+    of the lesson's world sizes, where each exercise that passed so far goes on to the next.
+    `source`: a file with your function(s), or None for the lesson's own. Returns ({id: status},
+    report lines); status is "pass", "mismatch", "not attempted" or "error" (crashed, hung, or a
+    rank said nothing)."""
+    sizes = [nproc] if nproc else world_sizes_of(exercises[0])
+    status, lines, passed = {}, [], list(exercises)
+    for n, size in enumerate(sizes):
+        now, said = _run_at(passed, source, size, timeout, via)
+        if n and set(now.values()) != {"pass"}:  # right on the sizes before, wrong on this one
+            before = " and ".join(map(str, sizes[:n]))
+            lines.append(f"on {size} ranks (it passed on {before}), each rank says:")
+        status.update(now)
+        lines += said
+        passed = [e for e in passed if now[e] == "pass"]
+        if not passed:
+            break
+    return status, lines
+
+
+def report(status: dict[str, str], lines: list[str], sizes: list[int]) -> None:
     """Say how each exercise went, the way a learner needs to read it."""
     if lines:
         print("\n".join(lines))
     for exercise, state in status.items():
         name = f"Exercise {exercise}:"
         if state == "pass":
-            print(name, f"PASS on all {nproc} ranks (matches the single-process answer)")
+            again = "".join(f", and on {n}" for n in sizes[1:])
+            print(name, f"PASS on all {sizes[0]} ranks{again} (matches the single-process answer)")
         elif state == "not attempted":
             solution = solution_file(exercise).relative_to(launcher.ROOT)
             print(name, f"not attempted yet; the solution is in {solution}")
@@ -318,8 +355,11 @@ def report(status: dict[str, str], lines: list[str], nproc: int) -> None:
             print(name, "your code failed or hung (output above)")
 
 
-def check(exercise: str, *functions: Callable, nproc: int = 4, timeout: float = TIMEOUT_S) -> None:
-    """In a notebook: run your function(s) on `nproc` ranks and check them. Returns None; raises
+def check(
+    exercise: str, *functions: Callable, nproc: int | None = None, timeout: float = TIMEOUT_S
+) -> None:
+    """In a notebook: run your function(s) on `nproc` ranks (None: on each of the lesson's world
+    sizes) and check them. Returns None; raises
     AssertionError on a wrong answer or a crash; says so, without raising, if not attempted."""
     with tempfile.TemporaryDirectory() as folder:
         source = None
@@ -327,7 +367,7 @@ def check(exercise: str, *functions: Callable, nproc: int = 4, timeout: float = 
             source = Path(folder) / f"exercise_{exercise}.py"
             source.write_text("\n\n".join(textwrap.dedent(inspect.getsource(f)) for f in functions))
         status, lines = run_check([exercise], source, nproc, timeout)
-    report(status, lines, nproc)
+    report(status, lines, [nproc] if nproc else world_sizes_of(exercise))
     if status[exercise] in ("mismatch", "error"):
         raise AssertionError(f"Exercise {exercise} did not pass")
 
@@ -341,7 +381,9 @@ def main() -> None:
     p.add_argument(
         "--file", help="check the functions in this file (run in the lesson's namespace)"
     )
-    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument(
+        "--nproc", type=int, help="one world size (default: 4, then the lesson's others)"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by run_check for each rank
     p.add_argument("--source", help=argparse.SUPPRESS)
     p.add_argument("--verdicts", help=argparse.SUPPRESS)
@@ -357,7 +399,7 @@ def main() -> None:
     # From a shell: fork the ranks from this process (it imports torch once; a forkserver would
     # import it a second time, beside the agent's own import here).
     status, lines = run_check(ids, source, args.nproc, via="fork")
-    report(status, lines, args.nproc)
+    report(status, lines, [args.nproc] if args.nproc else world_sizes_of(ids[0]))
     sys.exit(0 if set(status.values()) == {"pass"} else 1)
 
 

@@ -93,3 +93,5 @@ EXERCISES = {
     "03.1": (check_sharded_softmax, "sharded_softmax"),
     "03.2": (check_vocab_parallel_logsumexp, "vocab_parallel_logsumexp"),
 }
+# The checks run on 4 ranks, then on 3 (an odd world): an answer written for 4 only fails.
+WORLD_SIZES = (4, 3)

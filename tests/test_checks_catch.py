@@ -2,7 +2,8 @@
 its numbers: an answer that gets the numbers right by skipping the point (tests/wrong/*_skips.py
 and the like) is a mismatch whose verdict says why, in one line. And a check never crashes on
 an answer that returns nothing: it says what is wrong instead. And a wrong answer's verdict fits
-on a screen, naming an obvious relation (yours = 4 x expected) when there is one."""
+on a screen, naming an obvious relation (yours = 4 x expected) when there is one. And an answer
+written for 4 ranks only (the world's size hard-coded) fails on the lesson's other world size."""
 
 import ast
 import re
@@ -110,15 +111,35 @@ def said(lines):
 @pytest.mark.parametrize("name", SKIPS)
 def test_check_says_why_an_answer_that_skips_the_point_fails(name):
     exercises = exercises_in(WRONG / name)
-    status, lines = run_check(exercises, WRONG / name, 4)
+    status, lines = run_check(exercises, WRONG / name)  # on each of the lesson's world sizes
     out = "\n".join(lines)
     if TORCH_ABORT in out:  # once in ~10 CI runs, 08's RPC aborts inside torch: says nothing of
-        status, lines = run_check(exercises, WRONG / name, 4)  # the check; run it once more
+        status, lines = run_check(exercises, WRONG / name)  # the check; run it once more
         out = "\n".join(lines)
     assert status == {e: "mismatch" for e in exercises}, out
     assert mismatched_keys(lines) == set(SKIPS[name]), out  # the numbers are right: only why
     for key, words in SKIPS[name].items():
         assert words in said(lines), f"{key}: the report does not say {words!r}\n{out}"
+    assert len(lines) <= SCREEN * len(exercises), f"{len(lines)} lines: more than a screen\n{out}"
+
+
+# Written for 4 ranks (a world size hard-coded): each passes on 4 ranks and must fail on the
+# lesson's other world size, named here.
+FOUR = {
+    "00_hello_four.py": 3,
+    "02_p2p_four.py": 3,
+    "05_hooks_four.py": 3,
+    "06_distill_four.py": 2,
+}
+
+
+@pytest.mark.parametrize("name", FOUR)
+def test_an_answer_written_for_4_ranks_fails_on_another_world_size(name):
+    exercises = exercises_in(WRONG / name)
+    status, lines = run_check(exercises, WRONG / name)
+    out = "\n".join(lines)
+    assert status == {e: "mismatch" for e in exercises}, out
+    assert f"on {FOUR[name]} ranks (it passed on 4), each rank says:" in lines, out  # 4: passed
     assert len(lines) <= SCREEN * len(exercises), f"{len(lines)} lines: more than a screen\n{out}"
 
 

@@ -8,8 +8,9 @@ A notebook holds: the lesson's docstring as its narrative; a cell that starts 4 
 (course/live.py); the lesson's own code, taken from the file, cell by cell in %%ranks cells
 that run on those ranks: its imports and constants, then main()'s steps, each after the
 functions it is the first to use; per exercise, the stub from the lesson's marked region for
-the learner to edit and a cell that checks it on 4 ranks; last, the whole lesson in one run
-(course.launcher.run_lesson) and the figures it saved. The kernel never touches CUDA.
+the learner to edit and a cell that checks it on 4 ranks (and on the lesson's other world
+size); last, the whole lesson in one run (course.launcher.run_lesson) and the figures it
+saved. The kernel never touches CUDA.
 
 Notebooks are stored executed, so nbval can compare their outputs. Each is executed twice: a
 cell whose output differs between the two runs (after tests/nbval_sanitize.cfg's substitutions),
