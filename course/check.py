@@ -395,6 +395,11 @@ def main() -> None:
     ids = [args.exercise] if "." in args.exercise else exercises_of(args.exercise)
     if not ids:
         p.error(f"lesson {args.exercise} has no exercises")
+    if args.nproc is not None and args.nproc < 1:
+        p.error(f"--nproc {args.nproc}: a world needs at least 1 rank")
+    needs = getattr(lesson_module(ids[0]), "NEEDS", None)  # (what, test) of course/ranks.py
+    if args.nproc is not None and needs and not needs[1](args.nproc):
+        p.error(f"lesson {ids[0][:2]}'s checks need {needs[0]}, not --nproc {args.nproc}")
     source = solution_file(ids[0]) if args.solution else args.file
     # From a shell: fork the ranks from this process (it imports torch once; a forkserver would
     # import it a second time, beside the agent's own import here).

@@ -9,7 +9,7 @@ import pytest
 from course import check
 from course.check import exercises_of, run_check, solution_file
 
-from conftest import LESSONS, ROOT
+from conftest import LESSONS, ROOT, run_python, text
 
 WITH_EXERCISES = [path for path in LESSONS if exercises_of(path.stem[:2])]
 IDS = [path.stem for path in WITH_EXERCISES]
@@ -73,3 +73,14 @@ def test_check_passes_the_solution(path):
     ids = exercises_of(path.stem[:2])
     status, lines = run_check(ids, solution_file(ids[0]))  # on each of the lesson's world sizes
     assert status == {i: "pass" for i in ids}, "\n".join(lines)
+
+
+@pytest.mark.parametrize("nproc", [3, 0])
+def test_the_check_refuses_a_world_size_its_lesson_cannot_run(nproc):
+    """`python -m lessons.check 06 --nproc 3`: lesson 06 pairs students with teachers. Refused
+    at once, saying what the lesson needs, before any rank starts."""
+    result = run_python("-m", ["lessons.check", "06", "--nproc", nproc], timeout=60)
+    out = text(result)
+    assert result.returncode == 2 and "Traceback" not in out, out
+    needs = "need an even number of ranks, at least 2" if nproc else "at least 1 rank"
+    assert f"--nproc {nproc}" in out and needs in out, out
