@@ -143,8 +143,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=_seconds("--timeout"),
-        default=_seconds("COURSE_TIMEOUT")(env("COURSE_TIMEOUT", "60")),
+        type=seconds_above_0("--timeout"),
+        default=seconds_above_0("COURSE_TIMEOUT")(env("COURSE_TIMEOUT", "60")),
         help="seconds a collective may wait before it fails (60)",
     )
     p.add_argument(
@@ -156,8 +156,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stuck-after",
-        type=_seconds("--stuck-after"),
-        default=_seconds("COURSE_STUCK_AFTER")(env("COURSE_STUCK_AFTER", "8")),
+        type=seconds_above_0("--stuck-after"),
+        default=seconds_above_0("COURSE_STUCK_AFTER")(env("COURSE_STUCK_AFTER", "8")),
         help="seconds a rank may wait in one call before the ranks say where each one is (8)",
     )
     p.add_argument("--out", default="out", help="folder for the figures a lesson saves (out/)")
@@ -174,7 +174,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
 BACKENDS = ["auto", "gloo", "nccl"]
 
 
-def _seconds(what: str) -> Callable[[str], float]:
+def seconds_above_0(what: str) -> Callable[[str], float]:
     """A timeout's value, checked: a number of seconds above 0 (0 or less would make every
     collective fail at once, with a wall of C++ frames)."""
 

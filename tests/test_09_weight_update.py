@@ -9,6 +9,7 @@ on. Every run is bounded (conftest); a scenario prints `RESULT name: text` lines
 non-zero, with the reason, when one of its own checks fails."""
 
 import contextlib
+import re
 import runpy
 import signal
 import sys
@@ -64,9 +65,10 @@ def test_a_b_update_naive_and_fast(tp, preset, tmp_path):
         result, out, results = scenario("ab", port_file)
         assert result.returncode == 0, out
     assert box["result"].returncode == 0, text(box["result"])
-    for step in ("before", "naive", "fast shard", "fast broadcast"):
+    steps = ("before", "naive", "fast shard", "fast broadcast")
+    for step in (*steps, "first of two plans", "second of two plans"):
         assert results[step].startswith("ok"), out
-    assert results["versions"] == "[1, 2]", out
+    assert results["versions"] == "[1, 2, 3, 4]", out
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,16 @@ def bad_inputs(tmp_path_factory):
         ("corrupted", "checksum mismatch"),
         ("nan", "non-finite value (NaN or Inf) in model.layers.1.self_attn.k_proj.weight"),
         ("naive inf", "non-finite value (NaN or Inf) in model.norm.weight"),
+        (
+            "naive three",
+            "no tensor 'lm_head.weights' (did you mean 'lm_head.weight'?) (received and dropped, "
+            "with the 1 tensor(s) after it; the 1 before it went in: the update is torn)",
+        ),
+        (
+            "naive lengths",
+            "2 names, 1 dtypes, 2 shapes: one of each per tensor (nothing received; group "
+            "'naive-2' dropped",
+        ),
         ("shape after prepare", "shape mismatch for lm_head.weight: the trainer's is now"),
     ],
 )
@@ -113,6 +125,22 @@ def test_group_mistakes_are_clear_errors_not_hangs(bad_inputs, case, says):
     result, out, results, _ = bad_inputs
     assert result.returncode == 0, out
     assert says in results[case], out
+
+
+def test_a_naive_request_refused_half_way_keeps_the_group_in_step(bad_inputs):
+    """Refused at its second tensor of three, the engine still receives the third, so the next
+    request's tensor lands where it belongs (it used to receive the stale third one). A request
+    it cannot receive at all drops the group, so the trainer's broadcast fails at once."""
+    result, out, results, _ = bad_inputs
+    assert results["naive three, then one"] == "True", out
+    assert re.fullmatch(r"failed after \d+\.\d s", results["naive lengths, broadcast"]), out
+    assert float(results["naive lengths, broadcast"].split()[2]) < TRAINER_TIMEOUT_S / 2, out
+
+
+def test_requests_with_mismatched_lists_or_tokens_are_refused(bad_inputs):
+    result, out, results, _ = bad_inputs
+    assert "21 names, 0 dtypes, 0 shapes: one of each per tensor" in results["prepare lengths"]
+    assert "each in 0..383 (384 is not)" in results["tokens"], out
 
 
 def test_trainer_killed_mid_transfer_engine_keeps_the_old_weights(tmp_path):
@@ -422,12 +450,19 @@ def run_ab(t):
     report("fast shard", ok(1))
     versions.append(t.updater(fast, 3, "broadcast").update()[0]["version"])
     report("fast broadcast", ok(3))
+    # Two updaters prepared on one group, with other buckets: each sends by its own plan (a
+    # second prepare used to replace the first's plan, and the first's update crashed the engine).
+    first, second = t.updater(fast, 2, bucket_bytes=16384), t.updater(fast, 1, bucket_bytes=4096)
+    versions.append(first.update()[0]["version"])
+    report("first of two plans", ok(2))
+    versions.append(second.update()[0]["version"])
+    report("second of two plans", ok(1))
     report("versions", versions)
 
 
 def run_bad_inputs(t):
     from weight_sync.groups import listening_store, seconds
-    from weight_sync.trainer import FastUpdater
+    from weight_sync.trainer import FastUpdater, destroy_update_group
 
     torch = t.torch
     group = t.group("wu")
@@ -470,6 +505,55 @@ def run_bad_inputs(t):
     expect_error("naive name", lambda: t.push_naive(t.client, naive, typo))
     t.push_naive(t.client, naive, {"model.norm.weight": t.models[1]["model.norm.weight"]})
     report("naive name after", t.same_as_before())  # (the first tensor went in: put A back)
+    # One request of three tensors, the second misnamed: the engine receives all three (the
+    # trainer broadcasts them all), loads only the first, and the group stays in step.
+    norm0, norm1 = (f"model.layers.{i}.input_layernorm.weight" for i in (0, 1))
+    three = {norm0: t.models[2][norm0], "lm_head.weights": t.models[2]["lm_head.weight"]}
+    three[norm1] = t.models[2][norm1]
+    ticket = t.client.submit(
+        "update_weights_from_distributed",
+        names=list(three),
+        dtypes=[str(w.dtype) for w in three.values()],
+        shapes=[list(w.shape) for w in three.values()],
+        group_name="naive",
+    )
+    for w in three.values():
+        naive.broadcast(w, 0).wait()
+    expect_error("naive three", ticket.result)
+    t.push_naive(t.client, naive, {norm1: t.models[3][norm1]})  # the next update lands whole
+    got = torch.tensor(t.client.call("get_weights_by_name", name=norm1, truncate_size=96)[0])
+    report("naive three, then one", torch.equal(got, t.models[3][norm1].bfloat16().float()))
+    t.push_naive(t.client, naive, {n: t.models[1][n] for n in (norm0, norm1)})
+    report("naive three after", t.same_as_before())
+    lengths = t.group("naive-2", warmup=False)  # two names, one dtype: nothing can be received
+    ticket = t.client.submit(
+        "update_weights_from_distributed",
+        names=[norm0, norm1],
+        dtypes=["torch.float32"],
+        shapes=[[96], [96]],
+        group_name="naive-2",
+    )
+    expect_error("naive lengths", ticket.result)
+    start = time.monotonic()
+    try:  # the engine dropped the group: the trainer's broadcast fails at once, not at its timeout
+        lengths.broadcast(t.models[2][norm0], 0).wait()
+    except RuntimeError:
+        report("naive lengths, broadcast", f"failed after {time.monotonic() - start:.1f} s")
+    else:
+        report("naive lengths, broadcast", "NO ERROR")
+    report("naive lengths after", t.same_as_before())
+    expect_error(
+        "prepare lengths",
+        lambda: t.client.call(
+            "prepare_weights_update",
+            group_name="wu",
+            names=names,
+            dtypes=[],
+            shapes=[],
+            bucket_bytes=16384,
+        ),
+    )
+    expect_error("tokens", lambda: t.client.call("generate", tokens=[5, 384]))
 
     updater = t.updater(group, 2)
     send, calls = group.send, []
@@ -503,6 +587,8 @@ def run_bad_inputs(t):
 
     t.group("wu-2")
     expect_error("twice, trainer", lambda: t.group("wu"))
+    destroy_update_group(t.client, "wu-2")  # both ends: the name is free again
+    t.group("wu-2")
     expect_error(
         "twice, engine",
         lambda: t.client.call(
@@ -530,7 +616,10 @@ def run_bad_inputs(t):
             backend="gloo",
         ),
     )
-    expect_error("unknown group", lambda: t.client.call("update_weights", group_name="nope"))
+    expect_error(
+        "unknown group",
+        lambda: t.client.call("update_weights", group_name="nope", bucket_bytes=16384),
+    )
     report("in the end", t.same_as_before())
 
 

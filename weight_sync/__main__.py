@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from course.ranks import usage_error
+from course.ranks import seconds_above_0, usage_error
 from weight_sync.engine import serve_engine
 from weight_sync.model import PRESETS
 from weight_sync.vllm_layout import check_engine_tp
@@ -23,13 +23,19 @@ def main() -> None:
     )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=1, help="the model it starts with (1: model A)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--port-file", help="write HOST:PORT of the control plane here")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait may take")
-    p.add_argument("--idle", type=float, default=120.0, help="stop after this long idle")
+    p.add_argument(
+        "--timeout", type=seconds_above_0("--timeout"), default=30.0, help="seconds a wait may take"
+    )
+    p.add_argument(
+        "--idle", type=seconds_above_0("--idle"), default=120.0, help="stop after this long idle"
+    )
     p.add_argument("--poll-ms", type=float, default=0.0, help="nap between looks (0: block)")
     p.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     args = p.parse_args()
+    if not args.poll_ms >= 0:
+        usage_error(f"--poll-ms {args.poll_ms:g}: give 0 (block) or a nap in milliseconds above 0")
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:  # before anything runs: every rank says so, and none starts the engine
         check_engine_tp(PRESETS[args.preset], size)

@@ -160,6 +160,13 @@ class Engine(FastPath):
     def op_generate(self, tokens: list[int], logits: bool = False) -> dict[str, Any]:
         """Greedy next token after `tokens` (every TP rank takes part in the forward pass);
         logits: also every logit of that position, gathered over the TP ranks."""
+        vocab = self.shape.vocab
+        bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < vocab)]
+        if not tokens or bad:  # the embedding's shards would mask them to zeros, silently
+            raise Refused(
+                f"tokens {tokens}: give at least one token id, each in 0..{vocab - 1}"
+                + (f" ({bad[0]!r} is not)" if bad else "")
+            )
         out = forward(self.weights, self.shape, tokens, self.tp_rank, self.tp_size, self.tp)
         answer = {"token": int(out.argmax()), "logit": float(out.max()), "version": self.version}
         return {**answer, "logits": out.tolist()} if logits else answer
@@ -256,10 +263,15 @@ class Engine(FastPath):
         return {"rank": rank}
 
     def op_destroy_weights_update_group(self, group_name: str) -> dict[str, Any]:
-        self._group(group_name).close()
-        del self.groups[group_name]
-        self.plans.pop(group_name, None)
+        self._group(group_name)
+        self._drop_group(group_name)
         return {}
+
+    def _drop_group(self, group_name):
+        """Close the group and forget it, and every update prepared on it."""
+        self.groups.pop(group_name).close()
+        for key in [key for key in self.plans if key[0] == group_name]:
+            del self.plans[key]
 
     def _group(self, group_name):
         if group_name not in self.groups:
@@ -307,30 +319,55 @@ class Engine(FastPath):
         """Receive each declared HF tensor by broadcast, then copy the parts this rank holds
         into its live (fused) tensors, one by one: no staging, no checksum, no version (an
         update is torn if it fails half way). A tensor that does not fit, or holds a NaN or an
-        Inf, is received and dropped, never copied in."""
+        Inf, is received and dropped, never copied in, and so is every tensor after it: the
+        trainer broadcasts them all, and the group stays in step for the next request."""
         group = self._group(group_name)
-        if not len(names) == len(dtypes) == len(shapes):
+        try:  # what the receives need: one dtype and shape per name
+            if not len(names) == len(dtypes) == len(shapes):
+                raise Refused(
+                    f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes: "
+                    "one of each per tensor"
+                )
+            declared = [(n, parse_dtype(d), s) for n, d, s in zip(names, dtypes, shapes)]
+            if any(not isinstance(size, int) or size < 0 for _, _, s in declared for size in s):
+                raise Refused(f"shapes {shapes}: each is a list of sizes of 0 or more")
+        except Refused as err:  # nothing can be received, so the trainer's broadcasts would
+            self._drop_group(group_name)  # wait for a receiver: closed, they fail at once
             raise Refused(
-                f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes: "
-                "one of each per tensor"
-            )
-        recv_s, load_s = [], []
-        for name, dtype, shape in zip(names, dtypes, shapes):
-            dtype = parse_dtype(dtype)
+                f"{err} (nothing received; group {group_name!r} dropped, so the trainer's "
+                "broadcasts fail now instead of waiting: create a new one)"
+            ) from None
+        recv_s, load_s, problem, went_in = [], [], None, 0
+        for name, dtype, shape in declared:
             incoming = torch.empty(shape, dtype=dtype, device=self.device)
             start = time.perf_counter()
             group.broadcast(incoming, 0).wait()
             group.sync()
             recv_s.append(time.perf_counter() - start)
+            if problem:  # received to keep in step with the trainer, and dropped
+                continue
             problem = self._mismatch(name, dtype, shape, wire=False)
             if problem is None and not bool(torch.isfinite(incoming).all()):
                 problem = f"non-finite value (NaN or Inf) in {name}"
             if problem:
-                raise Refused(problem + " (received and dropped: the live weights are untouched)")
+                continue
             start = time.perf_counter()
             self._load_hf(name, incoming)  # this rank's parts of it, into the fused tensors
             group.sync()
             load_s.append(time.perf_counter() - start)
+            went_in += 1
+        if problem:
+            after = len(declared) - went_in - 1
+            raise Refused(
+                f"{problem} (received and dropped"
+                + (f", with the {after} tensor(s) after it" if after else "")
+                + (
+                    f"; the {went_in} before it went in: the update is torn"
+                    if went_in
+                    else ": the live weights are untouched"
+                )
+                + ")"
+            )
         return {"recv_s": recv_s, "load_s": load_s}
 
     # -- measurement and test hooks

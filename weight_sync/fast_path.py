@@ -46,6 +46,11 @@ class FastPath:
         """The metadata, once: check every declared tensor and that they cover the model, then
         plan the buckets. Nothing is received: a bad update is refused before any byte moves."""
         self._group(group_name)
+        if not len(names) == len(dtypes) == len(shapes):
+            raise Refused(
+                f"{len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes: one of each "
+                f"per tensor (nothing received; version {self.version} kept)"
+            )
         problems = [
             p
             for n, d, s in zip(names, dtypes, shapes)
@@ -71,7 +76,9 @@ class FastPath:
         plan.my_sums = torch.tensor(
             [at + i for b, at in positions for i in range(len(b.pieces))], device=self.device
         )
-        self.plans[group_name] = plan
+        # Keyed by how it cuts the buckets too: a second updater preparing on the same group
+        # (another bucket size, another resharding) must not change the plan the first sends by.
+        self.plans[group_name, bucket_bytes, resharding] = plan
         plan.wire_buffer = (  # each plan its own: another group's prepare must not take it
             torch.empty(plan.wire.size, dtype=torch.uint8, device=self.device)
             if plan.slices_after_broadcast
@@ -88,16 +95,21 @@ class FastPath:
         return {}
 
     # --8<-- [start:commit]
-    def op_update_weights(self, group_name: str) -> dict[str, Any]:
-        """Receive the prepared buckets into staging, check the trainer's checksums and that
-        every tensor arrived; only if every engine rank can, commit: swap staging and live, bump
-        the version. Otherwise every rank keeps its live weights and version."""
+    def op_update_weights(
+        self, group_name: str, bucket_bytes: int, resharding: str = "shard"
+    ) -> dict[str, Any]:
+        """Receive the buckets prepared for (group_name, bucket_bytes, resharding) into staging,
+        check the trainer's checksums and that every tensor arrived; only if every engine rank
+        can, commit: swap staging and live, bump the version. Otherwise every rank keeps its
+        live weights and version."""
         group = self._group(group_name)
-        if group_name not in self.plans:
+        if (group_name, bucket_bytes, resharding) not in self.plans:
             raise Refused(
-                f"no update prepared on group {group_name!r}: prepare_weights_update first"
+                f"no update prepared on group {group_name!r} with bucket_bytes {bucket_bytes} "
+                f"and resharding {resharding!r}: prepare_weights_update first"
             )
-        plan, times, broken = self.plans[group_name], {"picked_up": time.monotonic()}, False
+        plan = self.plans[group_name, bucket_bytes, resharding]
+        times, broken = {"picked_up": time.monotonic()}, False
         try:
             mine, theirs, positions, clock = self._receive(group, plan)
             problem = self._verify(mine, theirs, positions)  # holds the update's one host sync
@@ -112,9 +124,7 @@ class FastPath:
             problem = problem or "another engine rank could not take it (its answer says why)"
             broken = vote == 0
             if broken:  # the group's connections are gone on some rank: it cannot carry another
-                group.close()
-                del self.groups[group_name]
-                self.plans.pop(group_name, None)
+                self._drop_group(group_name)
             self.log(f"update rejected, kept version {self.version}: {problem}")
             dropped = f"; group {group_name!r} dropped, create a new one" if broken else ""
             raise Refused(

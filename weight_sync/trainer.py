@@ -46,7 +46,7 @@ def create_update_group(
     if group_name in client.groups:
         raise ValueError(
             f"this trainer already has a weight-update group named {group_name!r}: "
-            "close it first or pick another name"
+            "destroy_update_group it first, or pick another name"
         )
     store, port = listening_store(host, 0, seconds(timeout_s))
     store.set(f"announce/{group_name}", "1")  # engine ranks check the name before they join
@@ -90,6 +90,15 @@ def create_update_group(
 
 
 # --8<-- [end:create_group]
+
+
+def destroy_update_group(client: EngineClient, group_name: str) -> None:
+    """SGLang's destroy_weights_update_group, both ends: the engine ranks leave and forget the
+    group (and the updates prepared on it), then the trainer; its name is free again."""
+    if group_name not in client.groups:
+        raise ValueError(f"this trainer has no weight-update group named {group_name!r}")
+    client.call("destroy_weights_update_group", group_name=group_name)
+    client.groups.pop(group_name).close()
 
 
 class FastUpdater:
@@ -148,7 +157,12 @@ class FastUpdater:
                     f"{tuple(self.weights[name].shape)}, the prepared {full}"
                 )
         self.called, self.table = time.monotonic(), None
-        ticket = self.client.submit("update_weights", group_name=self.group.name)
+        ticket = self.client.submit(
+            "update_weights",
+            group_name=self.group.name,
+            bucket_bytes=self.bucket_bytes,
+            resharding=self.resharding,
+        )
         try:
             self.table = self.push_update(self.group, self.plan, self.weights)
         except Exception as err:
