@@ -28,8 +28,9 @@ Modules (each one job; communication primitives apart from the code that uses th
                   per request) and get_weights_by_name, by HF name (converted on load)
     fast_path.py  FastPath, a base class of Engine: the fast path's prepare_weights_update /
                   update_weights (staging, checksums, coverage, finite values, commit)
-    trainer.py    create_update_group, FastUpdater, check_read_back, check_generate: the
-                  trainer's side of group creation, of the fast path, and of SGLang's checks
+    trainer.py    create_update_group, destroy_update_group, FastUpdater, check_read_back,
+                  check_generate: the trainer's side of a group's creation and end, of the
+                  fast path, and of SGLang's checks
     megatron.py   megatron_spans, hf_to_megatron, megatron_to_hf: how a Megatron-style trainer
                   holds the model per TP, PP and DP rank (fused linear_qkv per query group,
                   linear_fc1 = [gate; up], stage-local layer numbers), and HF <-> Megatron
@@ -68,7 +69,13 @@ from weight_sync.engine import POLL_S, serve_engine
 from weight_sync.groups import RecordingGroup
 from weight_sync.model import PRESETS, forward, llama_specs, make_weights, shape_from_hf, shard_of
 from weight_sync.plan import Plan, checksum_pieces, reference_checksums
-from weight_sync.trainer import FastUpdater, check_generate, check_read_back, create_update_group
+from weight_sync.trainer import (
+    FastUpdater,
+    check_generate,
+    check_read_back,
+    create_update_group,
+    destroy_update_group,
+)
 from weight_sync.vllm_layout import check_engine_tp, engine_tp_sizes, hf_to_vllm, vllm_to_hf
 
 __all__ = [
@@ -83,6 +90,7 @@ __all__ = [
     "check_engine_tp",
     "checksum_pieces",
     "create_update_group",
+    "destroy_update_group",
     "engine_client",
     "engine_tp_sizes",
     "forward",
