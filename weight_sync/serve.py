@@ -259,10 +259,10 @@ class LiveEngine(Engine):
             self.timeline = {"steps": [], "commits": []}
         return out
 
-    def op_update_weights(self, group_name: str) -> dict[str, Any]:
+    def op_update_weights(self, group_name: str, **plan: Any) -> dict[str, Any]:
         # ranks > 0: the commit may arrive in the step stream before _commit is reached
         self.next_version = self.version + 1
-        answer = super().op_update_weights(group_name)
+        answer = super().op_update_weights(group_name, **plan)
         return {**answer, **self.last_commit}
 
     # -- the commit, under the lock; policies
