@@ -392,9 +392,20 @@ def main() -> None:
         return _worker(args.worker.split(","), args.source, Path(args.verdicts))
     if not args.exercise:
         p.error("name a lesson (00) or an exercise (00.1)")
-    ids = [args.exercise] if "." in args.exercise else exercises_of(args.exercise)
+    lesson = args.exercise.split(".")[0]
+    try:
+        lesson_file(lesson)
+    except FileNotFoundError as err:
+        p.error(f"{err}: name a lesson by its number, e.g. 00")
+    ids = exercises_of(lesson)
     if not ids:
-        p.error(f"lesson {args.exercise} has no exercises")
+        p.error(f"lesson {lesson} has no exercises")
+    if "." in args.exercise:
+        if args.exercise not in ids:
+            p.error(f"lesson {lesson} has no exercise {args.exercise}; it has {', '.join(ids)}")
+        ids = [args.exercise]
+    if args.file and not Path(args.file).is_file():
+        p.error(f"--file {args.file}: no such file")
     if args.nproc is not None and args.nproc < 1:
         p.error(f"--nproc {args.nproc}: a world needs at least 1 rank")
     needs = getattr(lesson_module(ids[0]), "NEEDS", None)  # (what, test) of course/ranks.py

@@ -44,6 +44,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # Every run: one thread per rank (ranks share a few cores), NVLink multicast off, no buffering.
 RUN_ENV = {"OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"}
 MARK = "COURSE_STACK_DIR"  # a folder per run: where each rank stopped by SIGTERM leaves its stack
+# Starting the ranks (the forkserver, torch's agent, each rank's imports) takes a second when the
+# machine is idle and 20 s on a loaded 2-core one: bounded apart, so that a run's own bound
+# (`timeout`) counts from when every rank has started, and means the same on both.
+STARTUP_S = 120.0
 RANK_LINE = re.compile(r"\[rank ?(\d+)\]:? ")  # ours, "[rank 3] ", and torch's "[rank3]: "
 TORCHRUN_LOG = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d")  # torchrun's own log lines
 # What torch's elastic agent sets for each rank; a caller's own values must not hide them.
@@ -83,18 +87,21 @@ def launch(
     *,
     via: str = "forkserver",
 ) -> Launched:
-    """Run `target` (a .py file, or a module as for -m) on `nproc` ranks. via: "forkserver" (the
+    """Run `target` (a .py file, or a module as for -m) on `nproc` ranks, for at most `timeout`
+    seconds once every rank has started (STARTUP_S to start them). via: "forkserver" (the
     warm default), "fork" (from this process: fastest when it has torch imported and no other
     threads), or "torchrun" (the real command, in a subprocess)."""
     if via == "torchrun":
         what = [str(target)] if str(target).endswith(".py") else ["-m", str(target)]
         cmd = [*TORCHRUN, f"--nproc-per-node={nproc}", *what, *map(str, args)]
-        return run_command(cmd, timeout, env)
+        return run_command(cmd, timeout, env, nproc=nproc)
     with tempfile.TemporaryDirectory(prefix="course-run-") as run:
         start, failed, timed_out = time.monotonic(), None, False
         thread = start_agent(target, nproc, [str(a) for a in args], env or {}, run, via, False)
         try:
-            timed_out = not _wait(thread, start + timeout)
+            while not (thread.finished.is_set() or _all_started(run, nproc, start)):
+                time.sleep(0.05)
+            timed_out = not _wait(thread, time.monotonic() + timeout)
         except BaseException:  # an interrupted notebook cell, a test timeout: stop the ranks too
             stop(thread, run)
             raise
@@ -321,6 +328,13 @@ def _wait(thread: _Agent, deadline: float) -> bool:
     return True
 
 
+def _all_started(run: str, nproc: int | None, start: float) -> bool:
+    """Has every one of `nproc` ranks started (or STARTUP_S passed since `start`)? A rank that
+    runs has made its stack file (course.ranks.dump_stack_on_sigterm), empty until stopped."""
+    ranks = {p.name.split(".")[0] for p in Path(run).glob("rank*.txt") if ".child" not in p.name}
+    return nproc is None or len(ranks) >= nproc or time.monotonic() > start + STARTUP_S
+
+
 def _rank_pids(run: str) -> list[int]:
     return [int(p.name.split(".")[2]) for p in Path(run).glob("pid.*")]
 
@@ -350,7 +364,8 @@ def _fatal_said(rank: int, lines: list[str]) -> list[str]:
 def failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
     """Which rank failed first, how, and what happened to the others, in one line."""
     if -1 in failures:
-        return f"launcher: the elastic agent failed: {failures[-1]}"
+        err = failures[-1]
+        return f"launcher: the elastic agent failed: {type(err).__name__}: {err}"
     if lost or all(f.exitcode == 255 for f in failures.values()):  # what a lost forkserver says
         return (
             "launcher: the forkserver the ranks were forked from is gone (killed from outside?): "
@@ -366,7 +381,11 @@ def failure_line(failures: dict, run: str, lost: list[int] = ()) -> str:
     signalled = {r for r, code in codes.items() if code < 0 and code != -signal.SIGTERM}
     when = {r: exits.get(r, failures[r].timestamp if r in failures else 0) for r in codes}
     first = min(codes, key=lambda r: (r not in signalled, when[r], r))
-    stopped = sorted(r for r in codes if r != first and codes[r] == -signal.SIGTERM)
+    # Stopped: the agent reports one failed rank at a time, so count the ranks that wrote a
+    # stack (only SIGTERM makes one) too.
+    stacks = [(int(p.name[4:].split(".")[0]), p.stat().st_size) for p in Path(run).glob("rank*")]
+    dumped = {r for r, size in stacks if size}
+    stopped = sorted((dumped | {r for r, c in codes.items() if c == -signal.SIGTERM}) - {first})
     line = f"launcher: rank {first} failed first (exit code {codes[first]})"
     if codes[first] == -signal.SIGABRT and "match expected size" in _output(run, first):
         line += " (gloo aborts the rank that RECEIVED more bytes than its tensor holds: the rank "
@@ -428,12 +447,18 @@ def _stop_lost_ranks(run: str) -> list[int]:
 
 
 def stop(thread: _Agent, run: str) -> None:
-    """SIGTERM to every rank (each then writes its stack, and the agent sees them fail), then
-    wait for the agent; SIGKILL what is left if it takes longer than 15 s."""
-    for pid in _rank_pids(run):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    if not thread.finished.wait(15):
+    """SIGTERM to every rank's process group (each rank, and each process it forked, then
+    writes its stack, and the agent sees them fail), and to each rank that starts meanwhile
+    (stopped while starting); wait for the agent; SIGKILL what is left after 15 s."""
+    signalled, deadline = set(), time.monotonic() + 15
+    while True:
+        for pid in set(_rank_pids(run)) - signalled:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)  # a rank leads its own group (_rank_main)
+            signalled.add(pid)
+        if thread.finished.wait(0.1) or time.monotonic() > deadline:
+            break
+    if not thread.finished.is_set():
         kill_all(run)
         thread.finished.wait(15)
 
@@ -443,16 +468,25 @@ def run_command(
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
+    nproc: int | None = None,
 ) -> Launched:
-    """Run a command that starts ranks (torchrun, or a lesson under plain python), bounded."""
+    """Run a command that starts ranks (torchrun, or a lesson under plain python), bounded:
+    `timeout` seconds from when its `nproc` ranks have started (None: from its start)."""
     with tempfile.TemporaryDirectory(prefix="course-run-") as run:
         env = {**os.environ, **RUN_ENV, **(env or {}), MARK: run}
-        start = time.monotonic()
+        start, ran = time.monotonic(), None
         proc = Popen(cmd, stdout=PIPE, stderr=STDOUT, text=True, errors="replace", env=env, cwd=cwd)
         try:
-            out, timed_out = proc.communicate(timeout=timeout)[0], False
-        except TimeoutExpired:
-            out, timed_out = _stop_command(proc, run), True
+            while True:
+                try:  # read as it goes (a full pipe would stall the ranks), a bound in view
+                    out, timed_out = proc.communicate(timeout=0.1)[0], False
+                    break
+                except TimeoutExpired:
+                    if ran is None and _all_started(run, nproc, start):
+                        ran = time.monotonic()
+                    if ran is not None and time.monotonic() > ran + timeout:
+                        out, timed_out = _stop_command(proc, run), True
+                        break
         except BaseException:  # an interrupted notebook cell, a test timeout: stop the ranks too
             _stop_command(proc, run)
             raise

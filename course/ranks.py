@@ -133,7 +133,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--nproc", type=int, default=4, help="ranks to start under plain python (%(default)s)"
+        "--nproc", type=_nproc, default=4, help="ranks to start under plain python (%(default)s)"
     )
     p.add_argument(
         "--backend",
@@ -172,6 +172,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 BACKENDS = ["auto", "gloo", "nccl"]
+
+
+def _nproc(text: str) -> int:
+    """--nproc's value, checked: a whole number of ranks, 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        usage_error(f"--nproc {text}: give a number of ranks, 1 or more, e.g. --nproc 4")
+    return int(text)
 
 
 def seconds_above_0(what: str) -> Callable[[str], float]:

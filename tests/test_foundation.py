@@ -354,6 +354,29 @@ def test_a_rank_that_leaves_by_os_exit_0_does_not_hang_the_run(tmp_path):
     assert "[rank 0] done" in result.lines and result.seconds < 30
 
 
+def test_nproc_under_plain_python_is_a_number_of_ranks():
+    for bad in ("0", "-2", "two"):
+        result = run_python(HELLO, ["--nproc", bad], timeout=60)
+        out = text(result)
+        assert result.returncode == 2 and "Traceback" not in out, out
+        assert f"error: --nproc {bad}: give a number of ranks, 1 or more" in out, out
+
+
+def test_a_run_stopped_while_its_ranks_start_stops_every_one(monkeypatch, tmp_path):
+    """Stopped at once (an interrupt as the cell starts): ranks that register after the stop
+    began get SIGTERM too, and the agent ends without the last resort, SIGKILL (kill_all)."""
+    killed = []
+    monkeypatch.setattr(launcher, "kill_all", lambda run: killed.append(run) or 0)
+    env = {"COURSE_BACKEND": "gloo", "PIDS": str(tmp_path)}
+    thread = launcher.start_agent(
+        PROGRAMS / "hang.py", 4, [], env, str(tmp_path), "forkserver", False
+    )
+    launcher.stop(thread, str(tmp_path))
+    assert thread.finished.is_set() and not killed, "stop() had to SIGKILL ranks it never signalled"
+    monkeypatch.undo()
+    assert launcher.kill_all(str(tmp_path)) == 0
+
+
 @pytest.mark.parametrize(
     "args, env, said",
     [
@@ -382,6 +405,6 @@ def test_a_process_a_rank_forks_is_not_shown_as_the_rank(via):
     where = "\n".join(result.stuck)
     assert result.timed_out, text(result)
     assert f"[rank 1] at tests/programs/forks_a_helper.py:{wait}: " in where, where
-    for line in result.stuck:
-        if f"forks_a_helper.py:{sleep}:" in line:
-            assert line.startswith("[rank 1] (its child, pid "), where
+    children = [line for line in result.stuck if f"forks_a_helper.py:{sleep}:" in line]
+    assert len(children) == 1 and children[0].startswith("[rank 1] (its child, pid "), where
+    assert result.leftovers == 0, where  # the launcher stopped the child with its rank
