@@ -52,8 +52,17 @@ DTYPES = (
 # then, for a TENSOR, the payload, which it can allocate only once the header has told it the
 # shape. A STOP header has no payload: training is over.
 def send_tensor(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup) -> list[dist.Work]:
-    """Start sending `tensor` to `dst`; returns the two requests (wait() on them before reuse)."""
-    sizes = [*tensor.shape] + [0] * (len(HEADER) - 3 - tensor.dim())  # unused sizes are 0
+    """Start sending `tensor` to `dst`; returns the two requests (wait() on them before reuse).
+    A tensor the header cannot describe (a dtype outside DTYPES, more than MAX_NDIM dimensions):
+    send REFUSED, so that the receiver fails at once too, then raise ValueError."""
+    if tensor.dtype not in DTYPES or tensor.dim() > MAX_NDIM:
+        refused = torch.tensor([REFUSED] + [0] * (len(HEADER) - 1), device=tensor.device)
+        dist.send(refused, dst, group)
+        raise ValueError(
+            f"send_tensor to rank {dst}: a tensor of dtype {tensor.dtype} and {tensor.dim()} "
+            f"dimensions does not fit the header (dtypes {DTYPES}, at most {MAX_NDIM} dimensions)"
+        )
+    sizes = [*tensor.shape] + [0] * (MAX_NDIM - tensor.dim())  # unused sizes are 0
     kind = [TENSOR, DTYPES.index(tensor.dtype), tensor.dim()]
     header = torch.tensor(kind + sizes, device=tensor.device)
     # isend returns at once; the same pair's messages arrive in the order they were sent.
@@ -65,14 +74,20 @@ def send_stop(dst: int, group: dist.ProcessGroup, device: torch.device) -> None:
 
 
 def recv_tensor(src: int, group: dist.ProcessGroup, device: torch.device) -> torch.Tensor | None:
-    """The next tensor from `src`, or None if `src` sent STOP."""
+    """The next tensor from `src`, or None if `src` sent STOP. ValueError if `src` refused its
+    tensor, or sent something that is not a header."""
     header = torch.empty(len(HEADER), dtype=torch.int64, device=device)
     dist.recv(header, src, group)
     kind, dtype, ndim, *sizes = header.tolist()
-    if kind not in (TENSOR, STOP):
-        raise RuntimeError(f"rank {dist.get_rank()}: rank {src} sent {kind} where a header goes")
+    if kind == REFUSED:
+        raise ValueError(f"recv_tensor from rank {src}: it refused its tensor (its error says why)")
     if kind == STOP:
         return None
+    if kind != TENSOR or not 0 <= dtype < len(DTYPES) or not 0 <= ndim <= MAX_NDIM:
+        raise ValueError(
+            f"recv_tensor from rank {src}: not a header ({header.tolist()}): sender and "
+            "receiver are out of step"
+        )
     tensor = torch.empty(sizes[:ndim], dtype=DTYPES[dtype], device=device)
     dist.recv(tensor, src, group)
     return tensor

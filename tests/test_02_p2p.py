@@ -73,3 +73,42 @@ def test_reference_handshake_refuses_bad_headers_on_both_ranks(tmp_path):
     ]
     for line in expected:
         assert line in out, f"missing {line!r} in:\n{out}"
+
+
+TOOLBOX = """
+import datetime, torch, torch.distributed as dist
+from course import header
+from course.ranks import parser, print_rank, setup
+CASES = {"complex": torch.zeros(2, dtype=torch.complex64), "9-D": torch.zeros((1,) * 9),
+         "not a header": torch.arange(len(header.HEADER))}
+with setup(parser("").parse_args([])) as ctx:
+    for name, tensor in CASES.items():
+        group = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=10))
+        try:
+            if ctx.rank == 0 and name != "not a header":
+                header.send_tensor(tensor, 1, group)
+            elif ctx.rank == 0:
+                dist.send(tensor, 1, group)
+            else:
+                header.recv_tensor(0, group, ctx.device)
+            print_rank(f"{name}: no error")
+        except ValueError as err:
+            print_rank(f"{name}: ValueError: {err}")
+"""
+
+
+def test_the_toolbox_copy_of_the_handshake_refuses_as_lesson_02_teaches(tmp_path):
+    """course/header.py (lesson 06's messages) follows lesson 02's rule: a tensor the header
+    cannot describe is REFUSED, and both ranks raise at once (the receiver used to wait for its
+    timeout, or, for 9 dimensions, gloo aborted it on a header longer than it expected)."""
+    program = tmp_path / "toolbox_headers.py"
+    program.write_text(TOOLBOX)
+    result = run_ranks(program, 2, timeout=90)
+    out = text(result)
+    assert result.returncode == 0 and not result.stuck and result.seconds < 60, out
+    for name, dims in (("complex", "torch.complex64 and 1"), ("9-D", "torch.float32 and 9")):
+        assert (
+            f"[rank 0] {name}: ValueError: send_tensor to rank 1: a tensor of dtype {dims} " in out
+        )
+        assert f"[rank 1] {name}: ValueError: recv_tensor from rank 0: it refused its tensor" in out
+    assert "[rank 1] not a header: ValueError: recv_tensor from rank 0: not a header ([0, 1" in out
