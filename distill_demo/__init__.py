@@ -11,6 +11,8 @@ Files (each one job; communication apart from training logic):
     knowledge.py  what a teacher sends in each transfer mode, and the losses (kl_full, kl_topk)
     comms.py      Layout (who teaches whom), groups, the message protocol, P2PTeachers,
                   gradient averaging
+    startup.py    the wait for the teacher that prepares the model: not bounded by --timeout,
+                  yet not for a dead teacher
     train.py      Config; a student's step, its teachers behind an interface (Teachers);
                   a teacher's loop
     reference.py  one process doing what all the students do, to compare with

@@ -18,6 +18,7 @@ from course.ranks import print0
 from distill_demo.comms import Groups, Layout, P2PTeachers, count
 from distill_demo.knowledge import MODES
 from distill_demo.report import Timeline, plot_timelines
+from distill_demo.startup import Preparation
 from distill_demo.train import (
     Batches,
     Config,
@@ -33,12 +34,19 @@ BATCHES = 4  # distinct batches, made before timing and reused: data costs nothi
 
 
 def run_bench(
-    args: argparse.Namespace, cfg: Config, rank: int, layout: Layout, groups: Groups
+    args: argparse.Namespace,
+    cfg: Config,
+    rank: int,
+    layout: Layout,
+    groups: Groups,
+    prepared: Preparation,
 ) -> None:
     is_student = rank in layout.students
-    teacher = (
-        None if is_student else prepare_teacher(cfg, rank, layout.teachers[0], groups.teachers)
-    )
+    teacher = None
+    if is_student:
+        prepared.wait()  # for the teacher's model (startup.py), then to the timed steps
+    else:
+        teacher = prepare_teacher(cfg, rank, layout.teachers[0], groups.teachers, prepared)
     batches = Batches(cfg, layout.students.index(rank), BATCHES) if is_student else None
     timeline = Timeline(cfg.device)
     steps = args.warmup + args.repeats + TIMELINE_STEPS

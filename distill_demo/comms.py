@@ -260,5 +260,11 @@ def average_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> No
 
 def broadcast_(module: torch.nn.Module, src: int, group: dist.ProcessGroup | None) -> None:
     """Every rank of `group` ends with `src`'s weights of `module`."""
-    for param in module.parameters():
-        dist.broadcast(param.data, src, group=group)
+    try:
+        for param in module.parameters():
+            dist.broadcast(param.data, src, group=group)
+    except RuntimeError as err:
+        raise PeerLost(
+            f"a rank left the broadcast of the teacher's weights "
+            f"({str(err).split('] ')[-1].split('. ')[0]})"
+        ) from None

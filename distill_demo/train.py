@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
@@ -29,6 +31,7 @@ from distill_demo.data import MarkovData
 from distill_demo.knowledge import MODES, student_loss, teacher_message
 from distill_demo.models import SIZES, TinyTransformer, make_student, make_teacher
 from distill_demo.report import Timeline
+from distill_demo.startup import Preparation
 
 PRETRAIN_SHARD = 1_000_000  # the teacher's own data: never a student's shard
 
@@ -92,7 +95,10 @@ def training_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def training_flag_errors(args: argparse.Namespace, per_student: int) -> list[tuple[bool, str]]:
-    """(wrong?, what to say) for the shared flags; per_student: teachers each student has."""
+    """(wrong?, what to say) for the shared flags; per_student: teachers each student has.
+    Found before any rank trains: a bad --out or --save would otherwise fail after the whole
+    run, and a bad --lr as AdamW's traceback on one rank, which its peers then blame."""
+    save = Path(args.save or ".")  # looked at only with --save
     return [
         (args.vocab < 2, f"--vocab {args.vocab}: a vocabulary needs at least 2 tokens"),
         (args.seq < 2, f"--seq {args.seq}: sequences need at least 2 tokens"),
@@ -105,6 +111,29 @@ def training_flag_errors(args: argparse.Namespace, per_student: int) -> list[tup
             args.batch < per_student,
             f"--batch {args.batch}: each student splits its batch's rows over its {per_student} "
             f"teachers, so it needs at least {per_student} rows",
+        ),
+        (
+            not (args.lr > 0 and math.isfinite(args.lr)),
+            f"--lr {args.lr:g}: the students' step size must be a number above 0, e.g. --lr "
+            f"{RECIPES[args.size].student_lr:g} (--size {args.size}'s)",
+        ),
+        (
+            Path(args.out).exists() and not Path(args.out).is_dir(),
+            f"--out {args.out} is a file: --out names the folder the figures go to",
+        ),
+        (
+            bool(args.save) and args.bench,
+            "--save is for training runs: --bench trains a fresh student for every setting and "
+            "keeps none of them. Leave out --save or --bench",
+        ),
+        (
+            bool(args.save) and not save.parent.is_dir(),
+            f"--save {args.save}: there is no folder {save.parent}. Create it, or "
+            "save somewhere else",
+        ),
+        (
+            bool(args.save) and save.is_dir(),
+            f"--save {args.save} is a folder: give the file to write, e.g. {save / 'student.pt'}",
         ),
     ]
 
@@ -229,20 +258,25 @@ def pretrain(
 
 
 def prepare_teacher(
-    cfg: Config, rank: int, first: int, group: dist.ProcessGroup | None
+    cfg: Config, rank: int, first: int, group: dist.ProcessGroup | None, prepared: Preparation
 ) -> TinyTransformer:
     """Rank `first` trains the teacher on the data for --teacher-steps (a real run would load a
     checkpoint), then hands its weights to every other rank of `group` (None: the default
-    world). `rank` and `first` count in the default world."""
+    world). `rank` and `first` count in the default world. The others wait for it on
+    `prepared` (startup.py), not in the broadcast: preparing may take longer than --timeout."""
     teacher = make_teacher(cfg.size, cfg.vocab, cfg.seq).to(cfg.device)
-    if rank == first and cfg.teacher_steps:
-        data = MarkovData(cfg.vocab, cfg.seq)
-        losses = pretrain(teacher, data, cfg.size, cfg.teacher_steps, cfg.batch, cfg.device)
-        print_rank(
-            f"teacher pretrained for {cfg.teacher_steps} steps: next-token loss "
-            f"{losses[0]:.2f} -> {losses[-1]:.2f} (the data's entropy: "
-            f"{data.entropy():.2f})"
-        )
+    if rank == first:
+        with prepared.preparing():
+            if cfg.teacher_steps:
+                data = MarkovData(cfg.vocab, cfg.seq)
+                losses = pretrain(teacher, data, cfg.size, cfg.teacher_steps, cfg.batch, cfg.device)
+                print_rank(
+                    f"teacher pretrained for {cfg.teacher_steps} steps: next-token loss "
+                    f"{losses[0]:.2f} -> {losses[-1]:.2f} (the data's entropy: "
+                    f"{data.entropy():.2f})"
+                )
+    else:
+        prepared.wait()
     broadcast_(teacher, first, group)  # every teacher answers alike
     return teacher.to(cfg.dtype).eval()
 

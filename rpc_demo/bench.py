@@ -34,7 +34,7 @@ from distill_demo.train import (
     teacher_session,
     train_student,
 )
-from rpc_demo.roles import student_role, teacher_role
+from rpc_demo.roles import RollPreparation, student_role, teacher_role
 from rpc_demo.worlds import Roll, Worker, role_world, worker_name
 
 PROFILE_STEPS = 3  # after the timed steps: each phase timed (on a GPU, synchronized)
@@ -91,8 +91,10 @@ def p2p_path(
     everybody = layout.students + layout.teachers
     with role_world("the p2p world", everybody, port, me, roll):
         groups = make_groups(layout, datetime.timedelta(seconds=me.timeout))
+        prepared = RollPreparation(me, roll, say=rank == 0)  # for teacher0's model
         result = None
         if rank in layout.students:
+            prepared.wait()
             student, optimizer = new_student(cfg)  # the RPC path starts from the same student
             cpu = time.process_time()
             teachers = P2PTeachers(cfg.device, rank, layout, groups)
@@ -100,7 +102,7 @@ def p2p_path(
                 cfg, session, student, optimizer, teachers, batches, timeline, groups.students
             )
         else:
-            teacher = prepare_teacher(cfg, rank, layout.teachers[0], groups.teachers)
+            teacher = prepare_teacher(cfg, rank, layout.teachers[0], groups.teachers, prepared)
             cpu = time.process_time()
             teacher_session(cfg, session, teacher, rank, layout, groups, timeline)
         cpu = time.process_time() - cpu  # this process, all its threads

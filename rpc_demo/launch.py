@@ -28,7 +28,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from rpc_demo.worlds import SHUTDOWN_TIMEOUT_S, STAGES
+from rpc_demo.worlds import DEAD, DONE, SHUTDOWN_TIMEOUT_S, STAGES
 
 GRACE_S = 5.0  # beyond the students' own bounds, before the launcher stops what is left
 STOP_S = 5.0  # after SIGTERM, how long a process has to end before SIGKILL
@@ -200,10 +200,14 @@ def name(rank: int, args: argparse.Namespace) -> str:
 # --8<-- [start:watch]
 def watch(children: list[BaseProcess], args: argparse.Namespace, roll: MutableSequence[int]) -> int:
     """Wait for the children. All exit 0: done. One fails: the students get --rpc-timeout (plus
-    a little) to notice and say why; once no student is left, the teachers are stopped."""
+    a little) to notice and say why; once no student is left, the teachers are stopped. A child
+    that ends before it is done is marked DEAD in the roll: whoever waits for it stops waiting."""
     students = children[: args.students]
-    deadline, stopped = None, []
+    deadline, stopped, last_stage = None, [], {}  # last_stage: where each dead child was
     while any(c.exitcode is None for c in children):
+        for rank, child in enumerate(children):
+            if child.exitcode is not None and rank not in last_stage and roll[rank] != DONE:
+                last_stage[rank], roll[rank] = roll[rank], DEAD
         now = time.monotonic()
         failed = any(c.exitcode not in (None, 0) for c in children)
         students_left = any(c.exitcode is None for c in students)
@@ -222,7 +226,7 @@ def watch(children: list[BaseProcess], args: argparse.Namespace, roll: MutableSe
         )
     problems = []
     for rank, child in enumerate(children):
-        code, where = child.exitcode, STAGES[roll[rank]]
+        code, where = child.exitcode, STAGES[last_stage.get(rank, roll[rank])]
         if child in stopped:
             problems.append(f"stopped {name(rank, args)} (rank {rank}), {where}")
         elif code and code < 0:

@@ -9,19 +9,32 @@ averages gradients; RPC carries ids one way and the teachers' answers the other.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from course.ranks import print_rank, spread
+from distill_demo.comms import PeerLost
 from distill_demo.report import Timeline
+from distill_demo.startup import Preparation
 from distill_demo.train import Batches, Result, Session, new_student, prepare_teacher, train_student
 from rpc_demo.student import RpcTeachers, teacher_events
 from rpc_demo.teacher import Serving, install, serve
-from rpc_demo.worlds import IN_WORLD, PREPARING, Roll, Worker, cuda_maps, role_world, rpc_world
+from rpc_demo.worlds import (
+    DEAD,
+    PREPARING,
+    READY,
+    Roll,
+    Worker,
+    cuda_maps,
+    role_world,
+    rpc_world,
+    worker_name,
+)
 
 
 @dataclass
@@ -35,6 +48,32 @@ class Outcome:
     cpu_s: dict  # --bench: {rank: CPU seconds used during the session, all its threads}
     idle: dict  # --bench: {rank: cores student0 and its teachers kept busy while nobody called}
     round_trips: list  # --bench: (asked, answered) of student0's recorded requests
+
+
+class RollPreparation(Preparation):
+    """The wait for teacher0's model (distill_demo/startup.py) on the launcher's roll: its
+    stage says when the model is READY, and the launcher writes DEAD as soon as it dies. (Not
+    a store: in the teachers' world teacher0 hosts the store, and a store whose host has died
+    fails each call with a page of C++ warnings.)"""
+
+    def __init__(self, me: Worker, roll: Roll, say: bool):
+        self.first, self.roll = me.layout.teachers[0], roll
+        super().__init__(
+            f"{worker_name(me.layout, self.first)} (rank {self.first})", me.timeout, say
+        )
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        self.roll[self.first] = PREPARING
+        yield
+        self.roll[self.first] = READY
+
+    def look(self) -> tuple[bool, None]:
+        if self.roll[self.first] == DEAD:
+            raise PeerLost(f"{self.who} died while preparing its model (its process ended)")
+        # READY or later (joining RPC, in it): each world starts below READY (role_world), and
+        # teacher0 leaves one only after everyone waiting in it has gone past this wait.
+        return self.roll[self.first] >= READY, None  # None: no beat to watch, DEAD says it
 
 
 # --8<-- [start:roles]
@@ -87,8 +126,9 @@ def teacher_role(me: Worker, ports: dict[str, int], roll: Roll, fault: str) -> N
     index = layout.teachers.index(rank)  # its rank in the teachers' world
     with role_world("the teachers' world", layout.teachers, ports["teachers"], me, roll):
         roll[rank] = PREPARING  # students joining RPC wait for this without counting
-        model = prepare_teacher(me.cfg, index, 0, None)  # teacher0 pretrains, all in this world
-        roll[rank] = IN_WORLD
+        # teacher0 pretrains; the others wait for it, then take its weights (in this world)
+        model = prepare_teacher(me.cfg, index, 0, None, RollPreparation(me, roll, index == 1))
+        roll[rank] = READY
         unit = layout.units[layout.unit_of(rank)]
         install(Serving(model, me.device, unit.students, me.timeout + me.rpc_timeout, fault))
         if fault == "absent":  # alive, but never joins RPC: the others must not wait forever

@@ -4,7 +4,8 @@ worker that never arrives is named by the ones waiting for it.
 
 The launcher shares a small array with its children, the roll: each process writes its stage
 there, so a process that waits for others can say which of them never came (and the launcher
-can say where each one was when something failed).
+can say where each one was when something failed). A process that ends before it is done cannot
+write that: the launcher writes DEAD for it, and whoever waits for it fails at once.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ STAGES = (
     "joining a process group",
     "in a process group",
     "preparing its model",
+    "its model ready",
     "joining RPC",
     "in RPC",
     "done",
+    "dead",  # written by the launcher: the process ended before it was done
 )
-STARTING, JOINING_WORLD, IN_WORLD, PREPARING, JOINING_RPC, IN_RPC, DONE = range(1, 8)
+STARTING, JOINING_WORLD, IN_WORLD, PREPARING, READY, JOINING_RPC, IN_RPC, DONE, DEAD = range(1, 10)
 WATCH_S = 0.25  # how often a process joining RPC looks at the roll
 SHUTDOWN_TIMEOUT_S = 30  # rpc.shutdown(graceful=True) waits this long for the others at most
 # TensorPipe's transports (a private option of TensorPipeRpcBackendOptions, `_transports`):
@@ -115,7 +118,7 @@ def role_world(what: str, members: list[int], port: int, me: Worker, roll: Roll)
         missing = [
             f"{worker_name(me.layout, r)} (rank {r}, {STAGES[roll[r]]})"
             for r in members
-            if roll[r] < JOINING_WORLD
+            if roll[r] < JOINING_WORLD or roll[r] == DEAD
         ]
         raise Failed(
             f"{what} on 127.0.0.1:{port} did not form within --timeout "
@@ -167,6 +170,13 @@ def start_rpc(
     def watch():  # init_rpc waits for a missing worker without limit: this bounds it
         waited = patient = 0.0
         while not joined.wait(WATCH_S):
+            dead = [f"{names[r]} (rank {r})" for r in range(len(names)) if roll[r] == DEAD]
+            if dead:  # it will never join, whatever it was doing: preparing is no excuse now
+                print_rank(
+                    f"error: {names[rank]}: {', '.join(dead)} ended without joining the RPC "
+                    f"world (the launcher saw {'its process' if len(dead) == 1 else 'them'} exit)"
+                )
+                os._exit(1)
             missing = [r for r in range(len(names)) if roll[r] < JOINING_RPC]
             preparing = [r for r in missing if roll[r] == PREPARING]
             # Startup is not liveness: a teacher pretraining (or loading a checkpoint) is slow,

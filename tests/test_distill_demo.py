@@ -50,6 +50,8 @@ def test_students_match_one_process(tmp_path, nproc, ratio, transfer):
         f"group of {n_students})"
     ) in out
     assert "[rank 0] checked: each teacher answered 4 steps and stopped on the stop message" in out
+    # the run's own check: the mean loss it reports at every step, and its weights
+    assert "[rank 0] checked: losses and weights match one process" in out, out
     assert_same_weights(torch.load(saved), reference_student(n_students).state_dict())
 
 
@@ -86,10 +88,11 @@ def test_default_run_reports_its_checks_and_draws(tmp_path):
     ]:
         assert f"[rank 0] {line}" in out, f"missing {line!r} in:\n{out}"
     progress = [line for line in result.lines if line.startswith("[rank 0] train ")]
+    assert len(progress) == 10, out  # a line a step: not a tty
     assert progress == [
         f"[rank 0] train {i}/10 loss " + line.split(" loss ")[1]
-        for i, line in zip(range(1, 11), progress)
-    ]  # a line a step: not a tty
+        for i, line in zip(range(1, 11), progress, strict=True)
+    ]
     for name in ("06_demo_loss.png", "06_demo_timeline.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
@@ -155,11 +158,39 @@ def test_bad_flags_are_named(capsys, monkeypatch, world, flags, message):
     assert capsys.readouterr().out.startswith(f"[rank 1] error: {message}")
 
 
+# Each of these used to be found only once the run had trained (or, for --lr, as AdamW's
+# traceback on one rank, which its teacher then blamed on the student). FILE: a file that exists.
+BAD_BEFORE_TRAINING = [
+    (["--lr", -1], "--lr -1: the students' step size must be a number above 0, e.g. --lr 0.01"),
+    (["--lr", 0], "--lr 0: the students' step size must be a number above 0"),
+    (["--out", "FILE"], "--out FILE is a file: --out names the folder the figures go to"),
+    (["--save", "/nonexistent/dir/s.pt"], "--save /nonexistent/dir/s.pt: there is no folder"),
+    (["--save", "."], "--save . is a folder: give the file to write, e.g. student.pt"),
+    (["--bench", "--save", "s.pt"], "--save is for training runs: --bench trains a fresh"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_BEFORE_TRAINING)
+def test_bad_paths_and_step_sizes_are_named_before_training(
+    capsys, monkeypatch, tmp_path, flags, message
+):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_:
+        validate(parse_args([str(taken) if f == "FILE" else str(f) for f in flags]), 2)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 2 and "Traceback" not in out, out
+    assert out.startswith(f"[rank 1] error: {message.replace('FILE', str(taken))}"), out
+
+
 @pytest.mark.parametrize(
     "nproc, flags, message",
     [
         (4, ["--ratio", "1:2"], "--ratio 1:2 needs a multiple of 3 ranks"),
         (2, ["--topk", 300], "--topk 300 must be between 1 and --vocab 256"),
+        (2, ["--lr", -1], "--lr -1: the students' step size must be a number above 0"),
+        (2, ["--save", "/nonexistent/dir/s.pt"], "--save /nonexistent/dir/s.pt: there is no"),
     ],
 )
 def test_bad_flags_stop_every_rank_before_any_collective(nproc, flags, message):
@@ -230,6 +261,48 @@ def test_a_teacher_killed_mid_run_stops_the_run(tmp_path):
     out = text(result)
     assert not result.timed_out and result.returncode != 0, out
     assert "launcher: rank 1 failed first (exit code -9)" in out, out
+
+
+def slow_teacher(tmp_path, seconds):
+    """distill_demo, except that the first teacher's pretraining first sleeps `seconds` (as if
+    it loaded a big checkpoint). Test-only, as dying_teacher."""
+    wrapper = tmp_path / "slow_teacher.py"
+    wrapper.write_text(
+        textwrap.dedent(f"""
+        import time
+        import distill_demo.train
+        from distill_demo.__main__ import main
+        real = distill_demo.train.pretrain
+
+        def pretrain(*args, **kwargs):
+            time.sleep({seconds})
+            return real(*args, **kwargs)
+
+        distill_demo.train.pretrain = pretrain
+        main()
+    """)
+    )
+    return wrapper
+
+
+def test_a_teacher_preparing_for_longer_than_the_timeout_is_waited_for(tmp_path):
+    """Startup is not liveness: the other ranks wait for the first teacher's model without
+    --timeout (3 s here; it prepares for 7), and say so once --timeout has passed."""
+    result = run_ranks(
+        slow_teacher(tmp_path, 7),
+        2,
+        ["--steps", 3, "--teacher-steps", 3, "--out", tmp_path],
+        timeout=120,
+        env={**ENV, "COURSE_TIMEOUT": "3"},
+    )
+    out = text(result)
+    assert result.returncode == 0 and "Traceback" not in out, out
+    assert re.search(
+        r"\[rank 0\] teacher rank 1 still preparing its model after \d+ s \(--timeout 3\); "
+        r"waiting, as that is not a fault",
+        out,
+    ), out
+    assert "[rank 0] checked: losses and weights match one process" in out
 
 
 def test_plain_python_starts_its_ranks_itself(tmp_path):

@@ -7,6 +7,7 @@ import multiprocessing
 import re
 import socket
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from course import launcher
 from distill_demo.comms import Layout
 from distill_demo.reference import check_against_reference
+from distill_demo.report import CheckFailed
 from distill_demo.train import Config
 from rpc_demo.__main__ import main, parse_args, validate
 from rpc_demo.worlds import Failed, Worker, gpu_index, role_world
@@ -91,9 +93,9 @@ def test_the_reference_tells_a_wrong_answer_apart():
     cfg = tiny_on_cpu()
     right, wrong = reference_student(2), reference_student(1)
     check_against_reference(cfg, [1.0] * 4, right, [1.0] * 4, right)  # passes: the same
-    with pytest.raises(AssertionError, match="weights differ from one process's"):
+    with pytest.raises(CheckFailed, match="weights differ from one process's"):
         check_against_reference(cfg, [1.0] * 4, wrong, [1.0] * 4, right)
-    with pytest.raises(AssertionError, match="losses"):
+    with pytest.raises(CheckFailed, match=r"mean loss at step 1 is 1, one process's 1\.1"):
         check_against_reference(cfg, [1.0] * 4, right, [1.1] * 4, right)
 
 
@@ -203,12 +205,12 @@ def test_a_teacher_that_never_joins_is_named_within_the_rpc_timeout(tmp_path):
     assert result.returncode == 1, out  # 1: the launcher reported; -1: the test stopped it
     for rank in (0, 1):  # (on a busy machine a slow peer may be named too: ".*")
         assert re.search(
-            rf"\[rank {rank}\] error: student{rank}: (.*, )?teacher1 \(rank 3, in a "
-            r"process group\) never joined the RPC world within 6 s \(--rpc-timeout\)"
+            rf"\[rank {rank}\] error: student{rank}: (.*, )?teacher1 \(rank 3, its model "
+            r"ready\) never joined the RPC world within 6 s \(--rpc-timeout\)"
             ": is it running",
             out,
         ), out
-    assert "stopped teacher1 (rank 3), in a process group" in out
+    assert "stopped teacher1 (rank 3), its model ready" in out
 
 
 def test_a_teacher_still_pretraining_is_waited_for_not_called_absent(tmp_path):
@@ -239,6 +241,80 @@ def test_a_teacher_still_pretraining_is_waited_for_not_called_absent(tmp_path):
         "waiting, as that is not a fault"
     ) in out, out
     assert "[rank 1] teacher pretrained for 600 steps" in out and "checked: losses" in out
+
+
+def preparing_teacher(tmp_path, then):
+    """`python -m rpc_demo`, except that teacher0's pretraining first runs `then` (sleeps, as
+    if it loaded a big checkpoint, or dies). Forked children inherit the change."""
+    wrapper = tmp_path / "preparing_teacher.py"
+    wrapper.write_text(
+        textwrap.dedent(f"""
+        import os, signal, sys, time
+        import distill_demo.train
+        from rpc_demo.__main__ import main
+        real = distill_demo.train.pretrain
+
+        def pretrain(*args, **kwargs):
+            {then}
+            return real(*args, **kwargs)
+
+        distill_demo.train.pretrain = pretrain
+        main(sys.argv[1:])
+    """)
+    )
+    return wrapper
+
+
+def run_wrapper(wrapper, args, timeout=120):
+    result = launcher.run_command(
+        [sys.executable, str(wrapper), *map(str, args)], timeout, ENV, cwd=ROOT
+    )
+    assert result.leftovers == 0, f"{result.leftovers} processes outlived the run"
+    return result
+
+
+def test_the_other_teachers_wait_for_teacher0_without_the_timeout(tmp_path):
+    """teacher1 takes teacher0's weights in the teachers' world: it waits for them on that
+    world's store, not in the broadcast, where --timeout (3 s) would end it while teacher0 is
+    still preparing (6 s)."""
+    result = run_wrapper(
+        preparing_teacher(tmp_path, "time.sleep(6)"),
+        [
+            *["--students", 1, "--teachers", 2, "--steps", 3, "--teacher-steps", 3],
+            *["--timeout", 3, "--rpc-timeout", 1, "--out", tmp_path],
+        ],
+    )
+    out = text(result)
+    assert result.returncode == 0 and "Traceback" not in out, out
+    assert re.search(
+        r"\[rank 2\] teacher0 \(rank 1\) still preparing its model after \d+ s \(--timeout "
+        r"3\); waiting, as that is not a fault",
+        out,
+    ), out
+    assert "[rank 0] checked: losses and weights match one process" in out
+
+
+def test_a_teacher_that_dies_while_preparing_is_named_at_once(tmp_path):
+    """The launcher marks it DEAD in the roll: its student stops waiting for it at once (not
+    after --rpc-timeout 30 s plus the launcher's grace), and so does the other teacher."""
+    result = run_wrapper(
+        preparing_teacher(tmp_path, "time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)"),
+        ["--students", 1, "--teachers", 2, "--teacher-steps", 3, "--out", tmp_path],
+    )
+    out = text(result)
+    assert result.returncode == 1, out  # 1: the launcher reported; -1: the test stopped it
+    # teacher1, which waits for teacher0's weights, names it and ends too: student0 may see both
+    assert re.search(
+        r"\[rank 0\] error: student0: teacher0 \(rank 1\)(, teacher1 \(rank 2\))? ended "
+        r"without joining the RPC world \(the launcher saw (its process|them) exit\)",
+        out,
+    ), out
+    assert (
+        "[rank 2] error: teacher1: teacher0 (rank 1) died while preparing its model (its process "
+        "ended)"
+    ) in out, out
+    assert "teacher0 (rank 1) was killed by SIGKILL, preparing its model" in out
+    assert "still preparing" not in out and result.seconds < 30, out  # not --rpc-timeout's wait
 
 
 def test_stopping_the_launcher_stops_every_process_and_says_where_they_were(tmp_path):
@@ -385,13 +461,22 @@ def test_spawn_is_the_fix_and_works(tmp_path):
             "--student-port and --rpc-port are both 5000: each world needs a port of its own",
         ),
         (["--rpc-timeout", 0], "--timeout and --rpc-timeout must be > 0"),
+        # found only after training before (FILE: a file that exists)
+        (["--lr", -1], "--lr -1: the students' step size must be a number above 0, e.g. --lr"),
+        (["--out", "FILE"], "--out FILE is a file: --out names the folder the figures go to"),
+        (["--save", "/nonexistent/dir/s.pt"], "--save /nonexistent/dir/s.pt: there is no folder"),
+        (["--bench", "--save", "s.pt"], "--save is for training runs: --bench trains a fresh"),
     ],
 )
-def test_bad_flags_are_named(capsys, flags, message):
+def test_bad_flags_are_named(capsys, tmp_path, flags, message):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
     with pytest.raises(SystemExit) as exit_:
-        main(list(map(str, flags)))
-    assert exit_.value.code == 2 and multiprocessing.active_children() == []
-    assert capsys.readouterr().out.startswith(f"[launcher] error: {message}")
+        main([str(taken) if f == "FILE" else str(f) for f in flags])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 2 and multiprocessing.active_children() == [], out
+    assert "Traceback" not in out, out
+    assert out.startswith(f"[launcher] error: {message.replace('FILE', str(taken))}"), out
 
 
 @pytest.mark.parametrize(
