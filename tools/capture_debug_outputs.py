@@ -274,14 +274,19 @@ def capture_pages(only=None):
             args = [str(taken.getsockname()[1]) if a == "TAKEN" else a for a in args]
             if isinstance(what, tuple):  # the program, wrapped by a test to lose a teacher
                 test_file, rank, step = what
-                program = "-m distill_demo" if "demo" in test_file else "lessons/06_distill.py"
-                command = (
-                    f"torchrun --nproc-per-node {nproc} {program} {' '.join(args)}".rstrip()
-                    + f"  # teacher rank {rank} made to exit (code 0) at its answer {step} by"
-                    f" tests/{test_file}.py's dying_teacher"
-                )
+                program = "distill_demo" if "demo" in test_file else "lessons/06_distill.py"
                 path = dying_teacher(test_file, rank, step, folder)
                 env = {**GLOO, "COURSE_TIMEOUT": "30"}
+                # The course's launcher ran it (its "launcher: rank N failed first" line is in
+                # the page), on a copy of the program a test wrote: say both.
+                call = [repr(path.name), str(nproc), *([repr(list(args))] if args else [])]
+                call.append(f"env={env!r}")
+                command = (
+                    'python -c "from course.launcher import run_lesson; '
+                    f'run_lesson({", ".join(call)})"  # {path.name}: {program} with teacher rank '
+                    f"{rank} made to exit (code 0) at its answer {step}, written by "
+                    f"tests/{test_file}.py's dying_teacher"
+                )
                 result = launcher.launch(path, nproc, args, timeout, env=env)
             elif what.isdigit():
                 path = launcher.lesson_path(what)
