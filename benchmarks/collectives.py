@@ -7,9 +7,12 @@ so every setting needs a run of its own: this script runs lesson 03's --bench on
     python benchmarks/collectives.py --nproc 2 --out out     # a machine with 2 GPUs or more
 
 Writes to --out: 03_bandwidth.png (the NCCL's-choice run: all_reduce and broadcast),
-03_ring_vs_tree.png and .json (every run's rows), and 03_algorithms.png, a picture of a ring,
-a binary tree and a double binary tree over 8 ranks. Without a GPU per rank the lesson runs
-gloo, where NCCL_ALGO means nothing: the script says so, runs once and skips the comparison.
+03_ring_vs_tree.png and .json (the backend, the device, every run's rows), and 03_algorithms.png,
+a picture of a ring, a binary tree and a double binary tree over 8 ranks. The comparison runs
+only if the ranks ran NCCL (the backend the first run's 03_bandwidth.json names: without a GPU
+per rank, or with COURSE_BACKEND=gloo, they run gloo, where NCCL_ALGO means nothing): else the
+script says so and runs once. The table's header and the plot's title name the backend and the
+device.
 """
 
 import argparse
@@ -37,7 +40,8 @@ RUN_TIMEOUT_S = 300  # one setting, start-up included
 
 
 def run(name, algo, ops, nproc, folder):
-    """Lesson 03 --bench under one NCCL_ALGO; returns its rows, or None if the run failed."""
+    """Lesson 03 --bench under one NCCL_ALGO; returns what it saved (its backend, its rows), or
+    None if the run failed."""
     env = {"NCCL_ALGO": algo} if algo else {}
     result = launch(
         LESSON, nproc, ["--bench", "--bench-ops", ops, "--out", folder], RUN_TIMEOUT_S, env
@@ -47,7 +51,7 @@ def run(name, algo, ops, nproc, folder):
     if result.returncode != 0:
         print(f"--- {name}: failed (exit code {result.returncode}); its column stays empty")
         return None
-    return json.loads((Path(folder) / "03_bandwidth.json").read_text())["rows"]
+    return json.loads((Path(folder) / "03_bandwidth.json").read_text())
 
 
 def size_text(nbytes):
@@ -55,7 +59,15 @@ def size_text(nbytes):
     return next(f"{nbytes / scale:g} {unit}" for unit, scale in units if nbytes >= scale)
 
 
-def plot(columns, nproc, path):
+def device_of(backend):
+    """The lesson's ranks' device on `backend`: NCCL, a GPU per rank; gloo, the CPU."""
+    if backend == "nccl":
+        return torch.cuda.get_device_name(0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU, {cores} cores"
+
+
+def plot(columns, nproc, where, path):
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window
@@ -69,7 +81,7 @@ def plot(columns, nproc, path):
     ax.set(
         xlabel="message size (bytes)",
         ylabel="all_reduce busbw (GB/s)",
-        title=f"NCCL_ALGO, {nproc} ranks",
+        title=f"NCCL_ALGO, {nproc} ranks, {where}",
     )
     ax.grid(alpha=0.3)
     ax.legend()
@@ -149,28 +161,37 @@ def main():
     p.add_argument("--out", default="out", help="folder for the table's data and the plots")
     args = p.parse_args()
     os.environ.pop("NCCL_ALGO", None)  # the NCCL's-choice run must not inherit a setting
-    settings = SETTINGS
-    if torch.cuda.device_count() < args.nproc:
-        print(
-            f"{torch.cuda.device_count()} GPUs for {args.nproc} ranks: the lesson runs gloo, "
-            "where NCCL_ALGO changes nothing. One run only."
-        )
-        settings = SETTINGS[:1]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = {}
+    columns, backend = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, algo, ops in settings:
+        for name, algo, ops in SETTINGS:
             folder = Path(tmp) / name.replace(" ", "_").replace("'", "")
-            rows = run(name, algo, ops, args.nproc, folder)
-            if rows is not None:
-                columns[name] = rows
-            if algo is None and rows is not None:
+            saved = run(name, algo, ops, args.nproc, folder)
+            if saved is None:
+                continue
+            if backend is None:  # the first run's: what the ranks used, not what this process sees
+                backend = saved["backend"]
+            if saved["backend"] != backend:
+                print(f"--- {name}: ran {saved['backend']}, not {backend}; its column stays empty")
+                continue
+            columns[name] = saved["rows"]
+            if algo is None:
                 shutil.copy(folder / "03_bandwidth.png", out / "03_bandwidth.png")
+            if backend != "nccl":
+                print(
+                    f"the ranks ran {backend} (no GPU per rank, or COURSE_BACKEND={backend}), "
+                    "where NCCL_ALGO changes nothing. One run only."
+                )
+                break
+    settings = SETTINGS
+    if backend != "nccl" and columns:  # one run, and not NCCL's choice: its column says what ran
+        settings, columns = [(backend, None, None)], {backend: next(iter(columns.values()))}
     if not columns:
         sys.exit("every run failed (output above)")
+    where = f"{backend} on {device_of(backend)}"
     sizes = sorted({r["bytes"] for rows in columns.values() for r in rows})
-    print(f"all_reduce busbw (GB/s), {args.nproc} ranks")
+    print(f"all_reduce busbw (GB/s), {args.nproc} ranks, {where}")
     print(f"{'size':>10}" + "".join(f"{name:>15}" for name, *_ in settings))
     for size in sizes:
         cells = []
@@ -183,12 +204,15 @@ def main():
             cells.append(f"{found[0]:15.3g}" if found else f"{'-':>15}")
         print(f"{size_text(size):>10}" + "".join(cells))
     draw_algorithms(out / "03_algorithms.png")
-    saved = ["03_bandwidth.png", "03_algorithms.png"]
-    if len(settings) > 1:  # the comparison means something only under NCCL
-        (out / "03_ring_vs_tree.json").write_text(json.dumps(columns, indent=1))
-        plot(columns, args.nproc, out / "03_ring_vs_tree.png")
-        saved += ["03_ring_vs_tree.png", "03_ring_vs_tree.json"]
-    print(f"saved in {out}: {', '.join(saved)}")
+    files = ["03_bandwidth.png", "03_algorithms.png"]
+    if backend == "nccl":  # the comparison means something only under NCCL
+        meta = dict(backend=backend, device=device_of(backend), nproc=args.nproc)
+        (out / "03_ring_vs_tree.json").write_text(
+            json.dumps({**meta, "columns": columns}, indent=1)
+        )
+        plot(columns, args.nproc, where, out / "03_ring_vs_tree.png")
+        files += ["03_ring_vs_tree.png", "03_ring_vs_tree.json"]
+    print(f"saved in {out}: {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,17 @@ Rank 0 trains, rank 1 is the engine (TP=1, vLLM's fused qkv_proj / gate_up_proj)
   by the trainer's step (one read of its weights, timed apart), and the table made inside the
   update call.
 Every time is end to end, on the trainer's clock, from its call to the engine's acknowledged
-new version; warm medians of --repeats after --warmup. Checksums are verified for (c) every
-update and, after each design, for the engine's live weights.
+new version; warm medians of --repeats after --warmup. Before each design, untimed, the trainer's
+weights are drawn anew (another seed per design, as after an optimizer step), so the check after
+it sees what that design wrote, not what the one before left in the engine. Checksums are
+verified for (c) every update and, after each design, for the engine's live weights. The table
+names the device and the machine (on CPU: its cores) it was measured on.
 """
 
+import argparse
 import json
+import os
+import platform
 import statistics
 from pathlib import Path
 
@@ -38,6 +44,7 @@ from weight_sync import colocate as cl
 
 CHUNK_BYTES = 64 * 1024  # one checksum per 64 kB chunk; each engine tensor starts on a chunk
 TARGETS = {"llama-3.1-8b": 1.2, "llama-3.2-1b": 1.5}  # (c) / floor, the course's targets
+SEEDS = {"(a)": 1, "(b)": 2, "(c)": 3}  # the trainer's weights before each design: new bytes
 
 
 # --8<-- [start:fused]
@@ -117,8 +124,18 @@ def trainer_model(shape, device):
     weights = {}
     for s in layout.spans:
         weights[s.hf_name] = views[s.name].narrow(s.dim, s.start, s.stop - s.start)
-        weights[s.hf_name].normal_(0, 0.02)
+    new_bytes(weights, 0, device)
     return layout, flat, weights
+
+
+def new_bytes(weights, seed, device):
+    """Every trainer weight drawn anew from `seed`, in place (the flat buffer, its handle and
+    the bucket's sources stay valid), untimed. Without it every design would write the bytes the
+    one before it left in the engine: a design that copied nothing would pass its check."""
+    generator = torch.Generator(device=device).manual_seed(seed)  # a CUDA one on the GPU
+    for w in weights.values():
+        w.normal_(0, 0.02, generator=generator)
+    cl.sync(device)  # written before the engine reads them, from its own process
 
 
 def measure(update, device, warmup, repeats):
@@ -159,6 +176,7 @@ def trainer_runs(ctx, pair, preset, args, copy_sum):
     src, dst = flat, torch.empty_like(flat)
     row("floor: one flat copy of the engine's bytes", run(lambda: dst.copy_(src)), 0)
     dst = None  # the floor's buffer, freed
+    new_bytes(weights, SEEDS["(a)"], device)
     before = memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -168,6 +186,7 @@ def trainer_runs(ctx, pair, preset, args, copy_sum):
     after = f"after the ack and ipc_collect: {(memory(device) - before) / 1e6:+.0f} MB"
     verified("(a)")
     row("(a) clone + fresh handle per tensor (OpenRLHF)", seconds, peak, after if cuda else "")
+    new_bytes(weights, SEEDS["(b)"], device)
     bucket = cl.Bucket(pair, weights, gpu, torch.bfloat16)
     seconds = run(bucket.update)
     verified("(b)")
@@ -192,6 +211,7 @@ def trainer_runs(ctx, pair, preset, args, copy_sum):
     def table_of(flat):  # the trainer's table in one read: the pull's kernel, without its copy
         return layout.table(flat, copy_sum(flat))
 
+    new_bytes(weights, SEEDS["(c)"], device)
     table = table_of(flat)  # made by the trainer's step: its weights do not change here
     if not torch.equal(table, layout.table(flat)):
         raise RuntimeError("the kernel's checksums differ from cl.chunk_sums'")
@@ -208,9 +228,20 @@ def trainer_runs(ctx, pair, preset, args, copy_sum):
     return rows
 
 
+def machine(device):
+    """Where the table was measured: the GPU's name, or the CPU cores this process may use."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}), CUDA IPC between the processes"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu ({cores} CPU cores, {platform.machine()}), shared memory between the processes"
+
+
 def report(rows, device, args):
     floor = {r["model"]: r["ms"] for r in rows if r["path"].startswith("floor")}
     lines = [
+        f"Trainer rank 0 and engine rank 1 as two processes on {machine(device)}; control "
+        f"messages over a socket (gloo only starts them); torch {torch.__version__}.",
+        "",
         "Held extra: what a design holds beyond the trainer's and the engine's weights: (a) the "
         "clones (on a GPU, the measured peak), (b) the bucket, (c) staging.",
         "",
@@ -220,8 +251,9 @@ def report(rows, device, args):
     for r in rows:
         r["gbps"] = r["nbytes"] / (r["ms"] / 1e3) / 1e9
         r["x_floor"] = r["ms"] / floor[r["model"]]
+        r["machine"] = machine(device)  # each row of the .json says where it was measured
         lines.append(
-            f"| {r['model']} | {r['path']} | {r['ms']:.2f} | {r['gbps']:.0f} | {r['x_floor']:.2f} "
+            f"| {r['model']} | {r['path']} | {r['ms']:.2f} | {r['gbps']:.2f} | {r['x_floor']:.2f} "
             f"| {r['held_mb']:.1f} | {r['note']} |"
         )
     for model, target in TARGETS.items():
@@ -244,14 +276,25 @@ def report(rows, device, args):
     print0(f"wrote {out / name}.md and .json")
 
 
+def count(least):
+    """A type for argparse: a whole number of `least` or more; else one line, exit code 2."""
+
+    def parse(text):
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {least} or more")
+        return int(text)
+
+    return parse
+
+
 def main():
     p = parser(__doc__)
     p.set_defaults(nproc=2)
     p.add_argument(
         "--presets", help="models (weight_sync.PRESETS); default: 1B and 8B on a GPU, small on CPU"
     )
-    p.add_argument("--warmup", type=int, default=2, help="untimed updates per path first (2)")
-    p.add_argument("--repeats", type=int, default=7, help="timed updates per path, median (7)")
+    p.add_argument("--warmup", type=count(0), default=2, help="untimed updates per path first (2)")
+    p.add_argument("--repeats", type=count(1), default=7, help="timed updates per path, median (7)")
     args = p.parse_args()
     args.backend = "gloo"  # only to start both processes; a socket carries the control messages
     with setup(args, EVEN, relaunch=True) as ctx:

@@ -12,12 +12,14 @@ layout, bf16, experts by --experts-by). For each regroup it runs one round to wa
 10's direct path (checksums, coverage, vote, commit), and reports the median times (slowest
 rank), the bytes the busiest trainer rank sends in the regroup, the most memory a rank
 allocated for the regroup and for the update's buffers, and how many engine ranks each trainer
-rank sends experts to. Before every update, untimed, each engine rank fills its staging with NaN;
-after it, every engine tensor must equal one process's vLLM layout of the model, bit for bit, so
-an element that an update did not write shows. Writes 13_experts_<backend>.md, .json and
+rank sends experts to. The engine starts from another model; before every update, untimed, each
+engine rank fills its staging with NaN; after it, every engine tensor must equal one process's
+vLLM layout of the model, bit for bit, so an element that an update did not write, or an update
+that never became live, shows. Writes 13_experts_<backend>.md, .json and
 13_experts_flows.png (who sends how many bytes to whom) to --out (out/).
 """
 
+import argparse
 import collections
 import json
 import statistics
@@ -33,6 +35,36 @@ from weight_sync.moe import PRESETS, make_moe_weights
 from weight_sync.vllm_layout import hf_to_vllm
 
 DTYPE = torch.bfloat16  # the engine's
+
+
+def sizes(what, least, most, zero_last=False):
+    """A flag's comma-separated sizes, each 1 or more (the last may be 0 with zero_last): a
+    type for argparse, so a bad value is one line and exit code 2 (on every rank under
+    torchrun), not a traceback from deep in a rank."""
+
+    def parse(text):
+        try:
+            numbers = [int(x) for x in text.split(",")]
+        except ValueError:
+            numbers = []
+        lowest = [1] * len(numbers)
+        if zero_last and len(numbers) == most:
+            lowest[-1] = 0
+        if not least <= len(numbers) <= most or any(n < m for n, m in zip(numbers, lowest)):
+            zero = " (etp may be 0: the trainer's TP)" if zero_last else ""
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: give {what}, whole numbers of 1 or more{zero}"
+            )
+        return numbers
+
+    return parse
+
+
+def positive(text):
+    """--repeats: 1 or more (a median needs at least one timed round)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
 
 
 def flows(shape, world, how, plan, itemsize):
@@ -87,22 +119,23 @@ def plot_flows(per_how, world, path):
 
 def main():
     p = parser(__doc__)
-    p.add_argument("--trainer", default="1,1,2,2", help="tp,pp,dp,ep[,etp] (1,1,2,2)")
-    p.add_argument("--engine", default="2", help="tp[,replicas] (2)")
+    p.add_argument("--trainer", type=sizes("tp,pp,dp[,ep[,etp]]", 3, 5, True),
+                   default="1,1,2,2", help="tp,pp,dp[,ep[,etp]] (1,1,2,2)")  # fmt: skip
+    p.add_argument("--engine", type=sizes("tp[,replicas]", 1, 2), default="2",
+                   help="tp[,replicas] (2)")  # fmt: skip
     p.add_argument("--experts-by", choices=("tp", "ep"), default="tp")
     p.add_argument("--preset", default="small-moe", choices=sorted(PRESETS), help="(small-moe)")
-    p.add_argument("--repeats", type=int, default=5, help="rounds per regroup (5)")
+    p.add_argument("--repeats", type=positive, default=5, help="rounds per regroup (5)")
     args = p.parse_args()
     with setup(args, AT_LEAST_2) as ctx:
-        sizes = [int(x) for x in args.trainer.split(",")]
-        tp, pp, dp, ep, etp = sizes + [1, 0][len(sizes) - 3 :]
-        engine_tp, replicas = (int(x) for x in (args.engine + ",1").split(",")[:2])
+        tp, pp, dp, ep, etp = args.trainer + [1, 0][len(args.trainer) - 3 :]
+        engine_tp, replicas = (args.engine + [1])[:2]
         world = rs.World(tp, pp, dp, engine_tp, replicas, ep, etp, args.experts_by)
         shape = PRESETS[args.preset]
         if world.size != ctx.world_size:
-            usage_error(f"--trainer {args.trainer} --engine {args.engine} needs {world.size} "
-                        f"ranks: torchrun --nproc-per-node {world.size} "
-                        "benchmarks/experts.py")  # fmt: skip
+            usage_error(f"--trainer {','.join(map(str, args.trainer))} --engine "
+                        f"{engine_tp},{replicas} needs {world.size} ranks: torchrun "
+                        f"--nproc-per-node {world.size} benchmarks/experts.py")  # fmt: skip
         destinations, plans, skipped = rs.engine_spans(shape, world), {}, ""
         for how in ("none", *rg.REGROUPS):
             try:
@@ -120,10 +153,13 @@ def main():
             held = from_hf(plans["none"][0][ctx.rank], shape, hf)
             weights = {n: w.to(ctx.device) for n, w in held.items()}
         else:
-            live = hf_to_vllm(hf, shape, tp_rank, engine_tp, args.experts_by)
-            live = {n: w.to(ctx.device, DTYPE) for n, w in live.items()}
+            expected = hf_to_vllm(hf, shape, tp_rank, engine_tp, args.experts_by)
+            expected = {n: w.to(ctx.device, DTYPE) for n, w in expected.items()}  # one process's
+            # the engine starts from another model: an update that never becomes live shows
+            other = hf_to_vllm(make_moe_weights(shape, 2), shape, tp_rank, engine_tp,
+                               args.experts_by)  # fmt: skip
+            live = {n: w.to(ctx.device, DTYPE) for n, w in other.items()}
             engine = rs.Engine(shape, tp_rank, engine_tp, live, group, args.experts_by)
-            expected = {n: w.clone() for n, w in live.items()}  # one process's layout of hf
         expert_bytes = sum(w.numel() for n, w in hf.items() if ".mlp.experts." in n) * 4
         label = (f"{ctx.backend}, {args.preset} ({expert_bytes / 1e6:.1f} MB of routed experts "
                  f"in float32), trainer TP{tp} x PP{pp} x DP{dp}, EP{ep} x expert TP"
@@ -142,7 +178,9 @@ def main():
                                                  ctx.device)  # fmt: skip
                 result = rs.update("direct", plan, world, ctx.rank, shape, send, DTYPE, ctx.device,
                                    engine, spans=sources.get(ctx.rank))  # fmt: skip
-                assert result.ok, result.why
+                if not result.ok:
+                    raise RuntimeError(f"{how}: rank {ctx.rank}: the update was refused: "
+                                       f"{result.why}")  # fmt: skip
                 runs.append((rs.slowest(regrouped, ctx.device),
                              rs.slowest(result.moved, ctx.device)))  # fmt: skip
                 wrong = [n for n, w in (engine.live if engine else {}).items()

@@ -114,11 +114,18 @@ def notebook_06() -> float:
         )
 
 
+def positive(text):
+    """--repeats: a whole number of 1 or more (a median needs at least one run)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
 def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--nproc", type=int, default=4)
     p.add_argument("--notebooks", action="store_true", help="also a kernel's check, notebook 06")
     args = p.parse_args()

@@ -24,6 +24,7 @@ KV caches and steps are on the GPU (its TP group has one rank, so no collective)
 CPU; the update crosses over gloo, whose broadcast takes CUDA tensors.
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -37,6 +38,14 @@ from course.ranks import AT_LEAST_2, parser, print0, setup
 from weight_sync import serve, traffic
 
 SEEDS = (2, 3)  # the trainer's models, pushed in turn; the engine starts with seed 1
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # the engine's weights: floating point
+
+
+def positive(text):
+    """--updates: a whole number of 1 or more (a row is the mean of its updates)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
 
 
 def where(ctx, args):
@@ -122,6 +131,13 @@ def cell(row, name, phase):
     return "-" if p50 is None else f"{p50:.0f} / {p99:.0f}"
 
 
+def wrong_rows(rows):
+    """The rows whose replies broke a policy's promise: a version going down, a request served
+    twice, an error, or (under drain and abort) one reply mixing versions."""
+    bad = [r for r in rows if r["versions_down"] or r["served_twice"] or r["errors"]]
+    return bad + [r for r in rows if r["policy"] != "keep" and r["mixed"] and r not in bad]
+
+
 def table(rows, idle, setting):
     lines = [
         f"Live engine, {setting}. Update: end to end on the trainer, mean of the row's updates; "
@@ -168,8 +184,7 @@ def table(rows, idle, setting):
                 else "-"
             )
         )
-    bad = [r for r in rows if r["versions_down"] or r["served_twice"] or r["errors"]]
-    bad += [r for r in rows if r["policy"] != "keep" and r["mixed"]]
+    bad = wrong_rows(rows)
     lines.append(
         "Checked: no reply mixes versions under drain and abort, none goes down under keep, none "
         "served twice."
@@ -183,10 +198,10 @@ def main():
     p = parser(__doc__)
     p.add_argument("--preset", default="small", choices=sorted(ws.PRESETS))
     # float32: a CPU step would convert every bf16 weight to float32 first (3x slower here)
-    p.add_argument("--dtype", default="float32", help="the engine's weights")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="the engine's weights")
     p.add_argument("--every-ms", type=float, default=500.0, help="a request this often")
     p.add_argument("--max-new", type=int, default=8, help="tokens per request")
-    p.add_argument("--updates", type=int, default=3, help="updates per policy x waiting style")
+    p.add_argument("--updates", type=positive, default=3, help="updates per policy x waiting style")
     p.add_argument("--gap-s", type=float, default=1.5, help="traffic before, between, after")
     args = p.parse_args()
     with setup(args, AT_LEAST_2, trace=args.trace) as ctx:
@@ -262,6 +277,13 @@ def run(client, ctx, args, backend, engine_device, trainer_device):
     title = f"requests around an update ({args.preset}, TP={client.tp_size}, {name})"
     traffic.plot_timeline(runs, picture, title, window=(-1e3 * args.gap_s, 1.5e3 * args.gap_s))
     print0(f"wrote {stem}.md, .json and {picture}")
+    if bad := wrong_rows(rows):  # what was measured is written; the run still fails
+        print0(
+            "error: replies broke their policy's promise (mixed versions, a version going down, "
+            f"served twice, or errors) in {[(r['policy'], r['waiting']) for r in bad]}: see the "
+            "table's WRONG line"
+        )
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ One world: trainer ranks first (Megatron layout, float32), engine ranks after (v
 bf16). For each path (gather to trainer rank 0 then push; direct, every trainer rank to the
 engine ranks it feeds; ChatLearn's two-stage, one engine rank per replica receiving and
 forwarding) it runs one update to warm up, then --repeats verified updates (checksums,
-coverage, vote, commit; the buffers are kept from one to the next) and reports the median
+coverage, vote, commit; the buffers are kept from one to the next; the engine starts from another
+model, its staging is NaN before each update and, after it, every engine tensor must equal one
+process's layout of the trainer's model, bit for bit) and reports the median
 time of the move itself (every rank starts after a barrier; the slowest rank's time), bytes
 out of the busiest trainer rank, bytes into each engine rank, the most extra memory any rank
 allocated for the move, the busiest link's GB/s (the most bytes one rank sent or received,
@@ -19,6 +21,7 @@ Target: the direct path at >= 80% of the baseline. Writes 10_reshard_<backend>.m
 to --out (out/).
 """
 
+import argparse
 import json
 import statistics
 from pathlib import Path
@@ -35,33 +38,74 @@ DTYPE = torch.bfloat16  # the engine's
 TARGET = 0.80  # the direct path's busiest sender, as a share of the baseline's GB/s
 
 
+def sizes(what, least, most):
+    """A flag's comma-separated sizes, each 1 or more: a type for argparse, so a bad value is one
+    line and exit code 2 (on every rank under torchrun), not a traceback from deep in a rank."""
+
+    def parse(text):
+        try:
+            numbers = [int(x) for x in text.split(",")]
+        except ValueError:
+            numbers = []
+        if not least <= len(numbers) <= most or min(numbers) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {what}, whole numbers of 1 or more")
+        return numbers
+
+    return parse
+
+
+def positive(text):
+    """--repeats: 1 or more (a median needs at least one timed update)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
+def check_live(engine, expected, path, rank):
+    """After an update: every engine tensor bit for bit what one process lays out from the
+    trainer's model (hf_to_vllm). Checksums and coverage prove the bytes arrived and each element
+    was written once; only this proves each landed in the right place and became live."""
+    for name, want in expected.items():
+        have = engine.live[name]
+        if not torch.equal(have, want):
+            at = tuple((have != want).nonzero()[0].tolist())  # NaN: never written
+            raise RuntimeError(f"{path}: after an update, engine rank {rank}'s {name} differs "
+                               f"from one process's layout at {at}: {have[at].item()} here, "
+                               f"{want[at].item()} expected")  # fmt: skip
+
+
 def main():
     p = parser(__doc__)
-    p.add_argument("--trainer", default="2,2,1", help="tp,pp,dp (2,2,1)")
-    p.add_argument("--engine", default="2", help="tp[,replicas] (2)")
+    p.add_argument("--trainer", type=sizes("tp,pp,dp", 3, 3), default="2,2,1",
+                   help="tp,pp,dp (2,2,1)")  # fmt: skip
+    p.add_argument("--engine", type=sizes("tp[,replicas]", 1, 2), default="2",
+                   help="tp[,replicas] (2)")  # fmt: skip
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model (small)")
-    p.add_argument("--repeats", type=int, default=5, help="updates per path (5)")
+    p.add_argument("--repeats", type=positive, default=5, help="updates per path (5)")
     args = p.parse_args()
     with setup(args, AT_LEAST_2) as ctx:
-        tp, pp, dp = (int(x) for x in args.trainer.split(","))
-        engine_tp, replicas = (int(x) for x in (args.engine + ",1").split(",")[:2])
+        tp, pp, dp = args.trainer
+        engine_tp, replicas = (args.engine + [1])[:2]
         world, shape = rs.World(tp, pp, dp, engine_tp, replicas), PRESETS[args.preset]
         if world.size != ctx.world_size:
-            usage_error(f"--trainer {args.trainer} --engine {args.engine} needs {world.size} "
-                        f"ranks: torchrun --nproc-per-node {world.size} "
+            usage_error(f"--trainer {tp},{pp},{dp} --engine {engine_tp},{replicas} needs "
+                        f"{world.size} ranks: torchrun --nproc-per-node {world.size} "
                         "benchmarks/reshard.py")  # fmt: skip
         destinations = rs.engine_spans(shape, world)
         plan = rs.plan_transfers(rs.trainer_spans(shape, world), destinations)
         group, tp_rank = rs.engine_world(world, ctx.device)
         engine = weights = None
-        hf = make_weights(shape, 1, "cpu")
+        hf = make_weights(shape, 1, "cpu")  # the trainer's model
         if world.is_trainer(ctx.rank):
             t = trainer_rank(ctx.rank, tp, pp, dp)
             weights = hf_to_megatron(hf, shape, t.tp_rank, tp, t.pp_rank, pp)
             weights = {n: w.to(ctx.device) for n, w in weights.items()}
         else:
-            live = hf_to_vllm(hf, shape, tp_rank, engine_tp)
-            live = {n: w.to(ctx.device, DTYPE) for n, w in live.items()}
+            expected = hf_to_vllm(hf, shape, tp_rank, engine_tp)  # one process's layout of it
+            expected = {n: w.to(ctx.device, DTYPE) for n, w in expected.items()}
+            # the engine starts from another model: an update that never becomes live shows
+            other = hf_to_vllm(make_weights(shape, 2, "cpu"), shape, tp_rank, engine_tp)
+            live = {n: w.to(ctx.device, DTYPE) for n, w in other.items()}
             engine = rs.Engine(shape, tp_rank, engine_tp, live, group)
         del hf
         model_bytes = sum(rs.sent_by(plan, shape, DTYPE.itemsize).values())
@@ -72,9 +116,16 @@ def main():
         for path in rs.PATHS:
             runs = []
             for _ in range(args.repeats + 1):
+                if engine is not None:  # untimed: an element that no update writes stays NaN
+                    for w in engine.staging.values():
+                        w.fill_(float("nan"))
                 result = rs.update(path, plan, world, ctx.rank, shape, weights, DTYPE,
                                    ctx.device, engine)  # fmt: skip
-                assert result.ok, result.why
+                if not result.ok:
+                    raise RuntimeError(f"{path}: rank {ctx.rank}: the update was refused: "
+                                       f"{result.why}")  # fmt: skip
+                if engine is not None:
+                    check_live(engine, expected, path, ctx.rank)
                 runs.append(rs.slowest(result.moved, ctx.device))
             seconds = statistics.median(r["seconds"] for r in runs[1:])  # the first: warm-up
             stats = runs[-1]
@@ -104,7 +155,10 @@ def main():
         lines += ["", f"target: direct path >= {TARGET:.0%} of the baseline's GB/s: {met} "
                   f"({direct['of_baseline']:.0%})"]  # fmt: skip
         print0("\n".join(lines))
-        print0("checked: every update committed on every engine rank (checksums, coverage, vote)")
+        print0(
+            "checked: every update committed on every engine rank (checksums, coverage, "
+            "vote); after each, every engine tensor equals one process's layout, bit for bit"
+        )
         if ctx.rank == 0:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)

@@ -38,11 +38,18 @@ def wall_time(path, nproc):
     return time.perf_counter() - start
 
 
+def positive(text):
+    """--repeats: a whole number of 1 or more (a median needs at least one run)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
 def main():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--nproc", type=int, default=4)
     args = p.parse_args()
     times = {name: [] for name in PROGRAMS}

@@ -68,17 +68,23 @@ def worker():
             print0(f"all_reduce {name}: {seconds * 1e6:.1f} us")
 
 
+def positive(text):
+    """--repeats: a whole number of 1 or more (a median needs at least one run)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
 def main():
+    if "--worker" in sys.argv[1:]:  # a rank of measurement 2, started by this script: its flags
+        return worker()  # are the lesson parser's (--trace DIR, --debug), so it parses its own
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--lessons", nargs="+", default=["03", "06"], help="lesson numbers (03 06)")
     p.add_argument("--nproc", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args, _ = p.parse_known_args()
-    if args.worker:
-        return worker()
+    p.add_argument("--repeats", type=positive, default=5)
+    args = p.parse_args()  # an unknown flag is an error, not silently ignored
     lessons = [launcher.lesson_path(n) for n in args.lessons]
     load_before = os.getloadavg()[0]
     wall = {(lesson.stem, mode): [] for lesson in lessons for mode in MODES}

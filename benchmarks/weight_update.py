@@ -26,6 +26,7 @@ Writes 09_weight_update_<backend>.md (the table), .json (every number) and .png 
 its GPU; the engine's phase times are host clocks of the same machine.
 """
 
+import argparse
 import json
 import runpy
 import statistics
@@ -387,15 +388,33 @@ def load_functions(solution):
     return {"push_naive": lesson["push_naive"], "push_update": mine["push_update"]}
 
 
+def presets(text):
+    """--models: names of PRESETS, checked before any rank starts (a typo is one line, exit 2)."""
+    names = text.split(",")
+    if unknown := [n for n in names if n not in PRESETS]:
+        raise argparse.ArgumentTypeError(
+            f"no preset called {', '.join(unknown)}: choose from {','.join(PRESETS)}"
+        )
+    return names
+
+
+def positive(text):
+    """--repeats: a whole number of 1 or more (a median needs at least one timed update)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
 def main():
     p = parser(__doc__)
     p.add_argument(
         "--models",
+        type=presets,
         help="comma-separated PRESETS (default: small on gloo, llama-3.2-1b,llama-3.1-8b on nccl)",
     )
     p.add_argument("--sweep-mib", type=int, help="largest broadcast of the sweep (256 / 4096)")
     p.add_argument("--bucket-mib", type=float, help="fast path bucket size (256 gloo, 512 nccl)")
-    p.add_argument("--repeats", type=int, default=5, help="warm updates timed (median)")
+    p.add_argument("--repeats", type=positive, default=5, help="warm updates timed (median)")
     p.add_argument("--no-fp32", action="store_true", help="skip the float32-trainer run")
     p.add_argument(
         "--solution",
@@ -406,7 +425,7 @@ def main():
     functions = load_functions(args.solution)  # before any rank starts: a bad file fails fast
     with setup(args, AT_LEAST_2, trace=args.trace) as ctx:
         gpu = ctx.backend == "nccl"
-        models = (args.models or ("llama-3.2-1b,llama-3.1-8b" if gpu else "small")).split(",")
+        models = args.models or (["llama-3.2-1b", "llama-3.1-8b"] if gpu else ["small"])
         args.sweep_mib = args.sweep_mib or (4096 if gpu else 256)
         # gloo on 2 cores: the socket copies keep both cores busy, so a pipeline of buckets
         # hides nothing and each message costs; NCCL: 512 MiB runs at the link's rate.

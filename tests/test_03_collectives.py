@@ -45,16 +45,22 @@ def test_an_unknown_collective_is_a_clear_error_on_every_rank(tmp_path):
         ) in out, out
 
 
-def test_ring_vs_tree_script_without_gpus_runs_once_and_says_why(tmp_path):
-    result = run_command(
-        [sys.executable, str(SCRIPT), "--nproc", "2", "--out", str(tmp_path)],
-        timeout=180,
-        env={"COURSE_BACKEND": "gloo"},
+def test_ring_vs_tree_follows_the_ranks_backend_not_the_gpus_it_sees(tmp_path):
+    """The parent sees 8 GPUs (faked) but the ranks run gloo (COURSE_BACKEND=gloo): one run, a
+    table that names gloo, and no Ring-vs-Tree comparison saved (it used to run three gloo
+    sweeps and save them as NCCL's Ring and Tree on any machine with GPUs)."""
+    fake = (
+        "import runpy, sys, torch; torch.cuda.device_count = lambda: 8; "
+        f"sys.argv = ['collectives.py', '--nproc', '2', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
     )
+    result = run_command([sys.executable, "-c", fake], timeout=180, env={"COURSE_BACKEND": "gloo"})
     out = text(result)
     assert result.returncode == 0, out
-    assert "where NCCL_ALGO changes nothing. One run only." in out
-    assert out.count("checked: all_reduce of 4 MiB gives 2*3/2") == 1
+    assert "the ranks ran gloo" in out and "One run only." in out, out
+    assert out.count("checked: all_reduce of 4 MiB gives 2*3/2") == 1, out
+    assert "NCCL_ALGO=Ring" not in out and "NCCL_ALGO=Tree" not in out, out
+    assert "all_reduce busbw (GB/s), 2 ranks, gloo on CPU" in out, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["03_algorithms.png", "03_bandwidth.png"]
 
 
