@@ -70,10 +70,22 @@ def sweep(client, group, sweep_mib):
     times = [broadcast_timing(group, s, r) for s, r in zip(sizes, repeats)]
     for ticket in tickets:
         ticket.result()
-    print0("broadcast sweep on the weight-update group (slowest rank, barrier, warm-up discarded):")
-    for size, t in zip(sizes, times):
-        print0(f"  {size >> 20:6d} MiB  {t * 1e3:9.3f} ms  {size / t / 1e9:8.2f} GB/s")
-    return [(size, t) for size, t in zip(sizes, times)]
+    points = [(size, t) for size, t in zip(sizes, times)]
+    print0("\n".join(sweep_table(points)))
+    return points
+
+
+def sweep_table(points):
+    """The sweep's lines of the table: one row per message size."""
+    lines = [
+        "Broadcast sweep on the weight-update group (the slowest rank's time after a barrier, "
+        "warm-up discarded):",
+        "",
+        "| MiB | ms | GB/s |",
+        "|---:|---:|---:|",
+    ]
+    rows = [f"| {size >> 20} | {t * 1e3:.3f} | {size / t / 1e9:.2f} |" for size, t in points]
+    return lines + rows
 
 
 def timed_naive(client, group, weights, push_naive):
@@ -303,7 +315,8 @@ def verdict(backend, row):
     return f"{wanted}: " + ("met" if not misses else "MISSED (" + ", ".join(misses) + ")")
 
 
-def table(rows, backend, device_name):
+def table(rows, backend, device_name, points):
+    """The .md the docs include, from what the .json keeps (rows, backend, device, sweep)."""
     lines = [
         f"Weight update, {backend} on {device_name}: end to end from the trainer's call to "
         "every engine rank's acknowledged new version; warm = median of the warm updates. "
@@ -339,7 +352,7 @@ def table(rows, backend, device_name):
                 f"{r['phases'][n] * 1e3:.2f} ms" if n in r["phases"] else "" for n in names
             )
             lines.append(f"| {r['model']} | {r['path']} | {ms} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *sweep_table(points)])
 
 
 def plot(rows, path, title):
@@ -465,7 +478,7 @@ def run(client, ctx, args, models, functions):
     rows = []
     for model in models:
         rows += benchmark_model(client, ctx, args, model, best_gbs, functions)
-    text = table(rows, ctx.backend, device_name)
+    text = table(rows, ctx.backend, device_name, points)
     print0(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

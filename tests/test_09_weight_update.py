@@ -9,6 +9,7 @@ on. Every run is bounded (conftest); a scenario prints `RESULT name: text` lines
 non-zero, with the reason, when one of its own checks fails."""
 
 import contextlib
+import json
 import re
 import runpy
 import signal
@@ -320,6 +321,22 @@ def test_benchmark_prints_the_table_and_saves_the_chart(tmp_path):
         assert line in out, out
     for suffix in ("md", "json", "png"):
         assert (tmp_path / f"09_weight_update_gloo.{suffix}").stat().st_size > 0
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_the_docs_tables_are_the_benchmarks_own_rendering_of_its_saved_run(backend, monkeypatch):
+    """docs/figures/09_weight_update_<backend>.md, sweep included, is what the benchmark's table()
+    makes of the .json written beside it by the same run: no figure in it is laid out by hand."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import weight_update as bench
+
+    stem = ROOT / "docs" / "figures" / f"09_weight_update_{backend}"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    shown = stem.with_suffix(".md").read_text()
+    rendered = bench.table(saved["rows"], saved["backend"], saved["device"], saved["sweep"])
+    assert shown == rendered + "\n", f"{stem.name}.md is not its .json rendered: run the benchmark"
+    size, seconds = saved["sweep"][-1]
+    assert f"| {size >> 20} | {seconds * 1e3:.3f} | {size / seconds / 1e9:.2f} |" in shown
 
 
 # ---------------------------------------------------------------------------------------------
