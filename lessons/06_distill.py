@@ -15,15 +15,15 @@ Run it
     torchrun --nproc-per-node 8 lessons/06_distill.py     # 4 students, 4 teachers
     python lessons/06_distill.py --nproc 2                # 1 student, 1 teacher
 
-What you should see (4 ranks, no GPU; every run prints the same losses: all is seeded)
+What you should see (4 ranks, no GPU; all is seeded: a machine prints the same losses each run)
     [rank 0] no GPU: using gloo on CPU
     [rank 0] students: ranks 0, 1; teachers: ranks 2, 3 (pairs 0-2, 1-3)
     [rank 0] step   loss rank 0   loss rank 1          mean
     [rank 0]    1     1.238e-01     1.156e-01     1.197e-01
     ...
-    [rank 0]   30    -5.355e-09     1.676e-08     5.704e-09   <- a KL a hair below 0
-    [rank 0] checked: mean loss fell from 1.197e-01 to 5.704e-09 < 0.0001
-    [rank 0] a KL is never below 0, but its float32 sum of terms of ~1e-8 can be: rounding
+    [rank 0]   30     3.912e-08     1.094e-08     2.503e-08   <- other CPUs round these otherwise
+    [rank 0] checked: mean loss fell from 1.197e-01 to 2.503e-08 < 0.0001
+    [rank 0] a KL is never below 0, but a float32 sum of terms of ~1e-8 can round to just below
     [rank 0] checked: all students hold the same weights (spread 0 over the student group of 2)
     [rank 0] checked: losses and weights match one process training on all 2 batches at once
     [rank 0] checked: each teacher answered 30 requests and stopped on the stop message
@@ -224,7 +224,7 @@ def report(args, means, weights, answered):
     if steps >= STEPS:  # the default run gets there; a shorter one may not
         assert means[-1] < TARGET_LOSS, f"rank 0: mean loss {means[-1]:.3e} >= {TARGET_LOSS}"
         print0(f"checked: mean loss fell from {means[0]:.3e} to {means[-1]:.3e} < {TARGET_LOSS}")
-        print0("a KL is never below 0, but its float32 sum of terms of ~1e-8 can be: rounding")
+        print0("a KL is never below 0, but a float32 sum of terms of ~1e-8 can round to just below")
     print0(f"checked: all students hold the same weights (spread 0 over the student group of {n})")
     teacher = make_model(TEACHER_WIDTH, TEACHER_SEED)
     student = make_model(STUDENT_WIDTH, STUDENT_SEED)
