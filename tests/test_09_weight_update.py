@@ -311,7 +311,8 @@ def test_benchmark_prints_the_table_and_saves_the_chart(tmp_path):
     out = text(result)
     assert result.returncode == 0, out
     for line in (
-        "broadcast sweep on the weight-update group",
+        "Broadcast sweep on the weight-update group",
+        "| MiB | ms | GB/s |",
         "| tiny | naive |",
         "| tiny | fast |",
         "| tiny | fast, fp32 trainer |",
