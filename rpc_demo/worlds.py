@@ -178,13 +178,20 @@ def start_rpc(
                 )
                 os._exit(1)
             missing = [r for r in range(len(names)) if roll[r] < JOINING_RPC]
-            preparing = [r for r in missing if roll[r] == PREPARING]
             # Startup is not liveness: a teacher pretraining (or loading a checkpoint) is slow,
-            # not gone. The clock runs while someone is missing for any other reason.
+            # not gone, and one still forming its role's world is bounded there, by --timeout
+            # (it fails, and is DEAD above). The clock runs while someone is missing for any
+            # other reason: not started yet, or ready and not joining.
+            preparing = [r for r in missing if JOINING_WORLD <= roll[r] <= PREPARING]
             if missing and len(preparing) == len(missing):
                 patient += WATCH_S
                 if patient - WATCH_S < timeout_s <= patient:  # say so once, when it matters
-                    who = ", ".join(f"{names[r]} (rank {r})" for r in preparing)
+                    who = ", ".join(
+                        f"{names[r]} (rank {r}"
+                        + ("" if roll[r] == PREPARING else f", {STAGES[roll[r]]}")
+                        + ")"
+                        for r in preparing
+                    )
                     print_rank(
                         f"{names[rank]}: {who} still preparing after {timeout_s:g} s "
                         f"(--rpc-timeout); waiting, as that is not a fault"
