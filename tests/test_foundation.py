@@ -5,6 +5,7 @@ bounded by the launcher's timeout) and no process left behind."""
 import contextlib
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -272,14 +273,18 @@ def test_ctrl_c_on_plain_python_stops_every_rank_and_says_where(tmp_path, signum
         while len(list(tmp_path.iterdir())) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         pids = [int(p.name) for p in tmp_path.iterdir()]
+        time.sleep(1)  # the three ranks into their all_reduce, most likely
         proc.send_signal(signum)
         out = proc.communicate(timeout=30)[0]
     finally:
         proc.kill()
     assert proc.returncode == 1, out
     assert "stopped; where each rank was:" in out and "[rank 2] at " in out, out
-    for rank in (0, 1, 3):
-        assert f"[rank {rank}] in all_reduce() called at " in out, out
+    line = line_of(PROGRAMS / "hang.py", "dist.all")
+    for rank in (0, 1, 3):  # in it, or (on a loaded machine) on its line, not yet in it
+        assert re.search(
+            rf"\[rank {rank}\] (in all_reduce\(\) called )?at tests/programs/hang.py:{line}: ", out
+        ), out
     assert len(pids) == 4 and not launcher.still_running(pids)
 
 
