@@ -24,7 +24,6 @@ KV caches and steps are on the GPU (its TP group has one rank, so no collective)
 CPU; the update crosses over gloo, whose broadcast takes CUDA tensors.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -34,18 +33,11 @@ from pathlib import Path
 import torch
 
 import weight_sync as ws
-from course.ranks import AT_LEAST_2, parser, print0, setup
+from course.ranks import AT_LEAST_2, at_least_1, parser, print0, setup
 from weight_sync import serve, traffic
 
 SEEDS = (2, 3)  # the trainer's models, pushed in turn; the engine starts with seed 1
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # the engine's weights: floating point
-
-
-def positive(text):
-    """--updates: a whole number of 1 or more (a row is the mean of its updates)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
-    return int(text)
 
 
 def where(ctx, args):
@@ -201,7 +193,9 @@ def main():
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="the engine's weights")
     p.add_argument("--every-ms", type=float, default=500.0, help="a request this often")
     p.add_argument("--max-new", type=int, default=8, help="tokens per request")
-    p.add_argument("--updates", type=positive, default=3, help="updates per policy x waiting style")
+    p.add_argument(
+        "--updates", type=at_least_1, default=3, help="updates per policy x waiting style"
+    )
     p.add_argument("--gap-s", type=float, default=1.5, help="traffic before, between, after")
     args = p.parse_args()
     with setup(args, AT_LEAST_2, trace=args.trace) as ctx:

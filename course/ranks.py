@@ -181,6 +181,14 @@ def _nproc(text: str) -> int:
     return int(text)
 
 
+def at_least_1(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (repeats, rounds, updates); anything else
+    is one line from argparse, before any rank starts."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
+    return int(text)
+
+
 def seconds_above_0(what: str) -> Callable[[str], float]:
     """A timeout's value, checked: a number of seconds above 0 (0 or less would make every
     collective fail at once, with a wall of C++ frames)."""
