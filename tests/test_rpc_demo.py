@@ -345,7 +345,8 @@ def test_teachers_still_forming_their_world_are_waited_for_not_called_absent(tmp
 
 def test_a_teacher_that_dies_while_preparing_is_named_at_once(tmp_path):
     """The launcher marks it DEAD in the roll: its student stops waiting for it at once (not
-    after --rpc-timeout 30 s plus the launcher's grace), and so does the other teacher."""
+    after --rpc-timeout 30 s plus the launcher's grace), and so does the other teacher, unless
+    the launcher stops it first."""
     result = run_wrapper(
         preparing_teacher(tmp_path, "time.sleep(1); os.kill(os.getpid(), signal.SIGKILL)"),
         ["--students", 1, "--teachers", 2, "--teacher-steps", 3, "--out", tmp_path],
@@ -358,10 +359,12 @@ def test_a_teacher_that_dies_while_preparing_is_named_at_once(tmp_path):
         r"without joining the RPC world \(the launcher saw (its process|them) exit\)",
         out,
     ), out
+    # teacher1 names it too, unless the launcher, stopping everyone once student0 failed, got to
+    # it first (on a loaded machine, within its 0.1 s between looks)
     assert (
         "[rank 2] error: teacher1: teacher0 (rank 1) died while preparing its model (its process "
         "ended)"
-    ) in out, out
+    ) in out or "stopped teacher1 (rank 2), preparing its model" in out, out
     assert "teacher0 (rank 1) was killed by SIGKILL, preparing its model" in out
     assert "still preparing" not in out and result.seconds < 30, out  # not --rpc-timeout's wait
 
