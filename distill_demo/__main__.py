@@ -28,13 +28,13 @@ Setup and printing come from course/ranks.py.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from course import watch
 from course.plots import plot_losses
 from course.ranks import parser, print0, print_rank, setup, spread, usage_error
 from distill_demo.bench import run_bench
@@ -51,7 +51,7 @@ from distill_demo.knowledge import bytes_per_token
 from distill_demo.models import SIZES
 from distill_demo.reference import check_against_reference, train_reference
 from distill_demo.report import CheckFailed, Progress, Timeline, check_loss_fell, plot_timelines
-from distill_demo.startup import Preparation, StorePreparation, store_client
+from distill_demo.startup import Preparation, StorePreparation
 from distill_demo.train import (
     Batches,
     Config,
@@ -108,14 +108,10 @@ def validate(args: argparse.Namespace, world_size: int) -> Layout:
 def preparation(layout: Layout, rank: int, timeout_s: float) -> Preparation:
     """The wait for the first teacher's model (startup.py), on torchrun's store: every rank
     reaches it, and the agent that hosts it outlives any rank."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    connect = functools.partial(
-        store_client,
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        f"distill_demo/{restart}/prepare/",
-        timeout_s,
-    )
+
+    def connect():  # run_store: a client of torchrun's store, under this run's prefix
+        return dist.PrefixStore("distill_demo/prepare/", watch.run_store(timeout_s))
+
     return StorePreparation(connect, layout.name(layout.teachers[0]), timeout_s, say=rank == 0)
 
 

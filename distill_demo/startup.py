@@ -17,7 +17,6 @@ the same state in its launcher's roll instead, where a dead process is seen at o
 from __future__ import annotations
 
 import contextlib
-import datetime
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,15 +31,6 @@ SILENT_S = 20.0  # no beat this long: it is gone (a loaded laptop can stall a th
 LIMIT_S = 3600.0  # the longest a preparation may take (pretraining, loading a checkpoint)
 SAY_EVERY_S = 60.0  # after --timeout, how often a waiter says it is still waiting
 POLL_S = 0.1  # how often a waiter looks (at the store, or rpc_demo's roll)
-CONNECT_S = 60.0  # the least time a store client is given to connect (a busy machine is slow)
-
-
-def store_client(host: str, port: int, prefix: str, timeout_s: float) -> dist.Store:
-    """A client of the store at host:port (torchrun's), its keys under `prefix`: the store is
-    shared, so each use takes a prefix of its own."""
-    connect = datetime.timedelta(seconds=max(timeout_s, CONNECT_S))
-    store = dist.TCPStore(host, port, is_master=False, timeout=connect)
-    return dist.PrefixStore(prefix, store)
 
 
 class Preparation:
