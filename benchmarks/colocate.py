@@ -29,7 +29,6 @@ verified for (c) every update and, after each design, for the engine's live weig
 names the device and the machine (on CPU: its cores) it was measured on.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from course.ranks import EVEN, parser, print0, setup
+from course.ranks import EVEN, parser, print0, setup, whole_number
 from weight_sync import PRESETS
 from weight_sync import colocate as cl
 
@@ -276,25 +275,18 @@ def report(rows, device, args):
     print0(f"wrote {out / name}.md and .json")
 
 
-def count(least):
-    """A type for argparse: a whole number of `least` or more; else one line, exit code 2."""
-
-    def parse(text):
-        if not text.isdigit() or int(text) < least:
-            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {least} or more")
-        return int(text)
-
-    return parse
-
-
 def main():
     p = parser(__doc__)
     p.set_defaults(nproc=2)
     p.add_argument(
         "--presets", help="models (weight_sync.PRESETS); default: 1B and 8B on a GPU, small on CPU"
     )
-    p.add_argument("--warmup", type=count(0), default=2, help="untimed updates per path first (2)")
-    p.add_argument("--repeats", type=count(1), default=7, help="timed updates per path, median (7)")
+    p.add_argument(
+        "--warmup", type=whole_number(0), default=2, help="untimed updates per path first (2)"
+    )
+    p.add_argument(
+        "--repeats", type=whole_number(1), default=7, help="timed updates per path, median (7)"
+    )
     args = p.parse_args()
     args.backend = "gloo"  # only to start both processes; a socket carries the control messages
     with setup(args, EVEN, relaunch=True) as ctx:

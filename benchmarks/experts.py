@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from course.ranks import AT_LEAST_2, at_least_1, parser, print0, setup, usage_error
+from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error, whole_number
 from weight_sync import regroup as rg
 from weight_sync import reshard as rs
 from weight_sync.megatron import from_hf
@@ -118,7 +118,7 @@ def main():
                    help="tp[,replicas] (2)")  # fmt: skip
     p.add_argument("--experts-by", choices=("tp", "ep"), default="tp")
     p.add_argument("--preset", default="small-moe", choices=sorted(PRESETS), help="(small-moe)")
-    p.add_argument("--repeats", type=at_least_1, default=5, help="rounds per regroup (5)")
+    p.add_argument("--repeats", type=whole_number(1), default=5, help="rounds per regroup (5)")
     args = p.parse_args()
     with setup(args, AT_LEAST_2) as ctx:
         tp, pp, dp, ep, etp = args.trainer + [1, 0][len(args.trainer) - 3 :]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import weight_sync as ws
-from course.ranks import AT_LEAST_2, at_least_1, parser, print0, setup
+from course.ranks import AT_LEAST_2, parser, print0, setup, whole_number
 from weight_sync import serve, traffic
 
 SEEDS = (2, 3)  # the trainer's models, pushed in turn; the engine starts with seed 1
@@ -194,7 +194,7 @@ def main():
     p.add_argument("--every-ms", type=float, default=500.0, help="a request this often")
     p.add_argument("--max-new", type=int, default=8, help="tokens per request")
     p.add_argument(
-        "--updates", type=at_least_1, default=3, help="updates per policy x waiting style"
+        "--updates", type=whole_number(1), default=3, help="updates per policy x waiting style"
     )
     p.add_argument("--gap-s", type=float, default=1.5, help="traffic before, between, after")
     args = p.parse_args()

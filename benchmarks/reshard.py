@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from course.ranks import AT_LEAST_2, at_least_1, parser, print0, setup, usage_error
+from course.ranks import AT_LEAST_2, parser, print0, setup, usage_error, whole_number
 from weight_sync import reshard as rs
 from weight_sync.megatron import hf_to_megatron, trainer_rank
 from weight_sync.model import PRESETS, make_weights
@@ -74,7 +74,7 @@ def main():
     p.add_argument("--engine", type=sizes("tp[,replicas]", 1, 2), default="2",
                    help="tp[,replicas] (2)")  # fmt: skip
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model (small)")
-    p.add_argument("--repeats", type=at_least_1, default=5, help="updates per path (5)")
+    p.add_argument("--repeats", type=whole_number(1), default=5, help="updates per path (5)")
     args = p.parse_args()
     with setup(args, AT_LEAST_2) as ctx:
         tp, pp, dp = args.trainer

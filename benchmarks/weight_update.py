@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from course.launcher import ROOT, lesson_path
-from course.ranks import AT_LEAST_2, at_least_1, parser, print0, setup
+from course.ranks import AT_LEAST_2, parser, print0, setup, whole_number
 from weight_sync.control import engine_client
 from weight_sync.engine import POLL_S, serve_engine
 from weight_sync.model import PRESETS, forward, make_weights, one_weight
@@ -420,7 +420,7 @@ def main():
     )
     p.add_argument("--sweep-mib", type=int, help="largest broadcast of the sweep (256 / 4096)")
     p.add_argument("--bucket-mib", type=float, help="fast path bucket size (256 gloo, 512 nccl)")
-    p.add_argument("--repeats", type=at_least_1, default=5, help="warm updates timed (median)")
+    p.add_argument("--repeats", type=whole_number(1), default=5, help="warm updates timed (median)")
     p.add_argument("--no-fp32", action="store_true", help="skip the float32-trainer run")
     p.add_argument(
         "--solution",

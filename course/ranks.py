@@ -181,12 +181,16 @@ def _nproc(text: str) -> int:
     return int(text)
 
 
-def at_least_1(text: str) -> int:
-    """An argparse type: a whole number of 1 or more (repeats, rounds, updates); anything else
-    is one line from argparse, before any rank starts."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of 1 or more")
-    return int(text)
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of `least` or more (repeats, rounds, updates); anything
+    else is one line from argparse, before any rank starts."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of {least} or more")
+        return int(text)
+
+    return parse
 
 
 def seconds_above_0(what: str) -> Callable[[str], float]:
